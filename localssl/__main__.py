@@ -1,0 +1,5 @@
+import sys
+
+from localssl.cli import main
+
+sys.exit(main())

@@ -1,0 +1,162 @@
+"""The ``localssl`` command.
+
+    localssl train --rule clapp++ --dataset cifar10 --data-dir DIR --epochs 20 --out runs/c10-clapp
+    localssl probe runs/c10-clapp [--random-init]
+    localssl demo
+    localssl bench [--json]
+    localssl theory [EXPERIMENT]
+    localssl align RUN_DIR
+
+Every ``train``/``probe`` flag is generated from the fields of the config
+dataclasses, so the command line and the YAML files can never drift apart.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import typing
+from dataclasses import MISSING, fields
+from pathlib import Path
+from typing import Any
+
+from localssl.config import ConfigError, ProbeConfig, TrainConfig, from_dict, load_yaml, to_dict
+
+_HELP = {
+    "rule": "learning rule (see `localssl rules`)",
+    "encoder": "encoder name (vgg6, vgg8)",
+    "width": "channel width multiplier (1.0 = the paper's VGG-6; 0.25 for CPU runs)",
+    "dataset": "data set name (shapes10 is embedded and needs no download)",
+    "data_dir": "folder (or archive) holding the data set in its official format",
+    "subset": "pre-train on only this many images (deterministic per seed)",
+    "grids": "pooled grid side per block (default: the paper's grids for spatial rules)",
+    "max_steps": "stop after this many optimisation steps (overrides epochs)",
+    "batch_size": "images per batch (two views each)",
+    "amp": "auto (bf16 where the hardware has native bf16), bf16, or off",
+    "checkpoint_every": "write the checkpoint every N steps (atomically)",
+    "random_init": "probe an untrained encoder of the same shape instead",
+    "protocols": "fast (features once, linear), paper (METHODS 2.5, augmented), knn",
+    "epochs_paper": "epochs of the paper-protocol probe (the paper uses 300)",
+}
+
+
+def _add_dataclass_flags(p: argparse.ArgumentParser, cls: type, skip: set[str]) -> None:
+    hints = typing.get_type_hints(cls)
+    for f in fields(cls):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        tp = hints[f.name]
+        default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+        help_ = f"{_HELP.get(f.name, f.name.replace('_', ' '))} (default: {default})"
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        base = args[0] if args else tp
+        if base is bool:
+            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_)
+        elif typing.get_origin(base) is list:
+            p.add_argument(flag, dest=f.name, nargs="+", default=None, help=help_)
+        else:
+            p.add_argument(flag, dest=f.name, default=None, help=help_)
+
+
+def _resolve(cls: type, args: argparse.Namespace, base: Any = None) -> Any:
+    """Config = dataclass defaults <- YAML file <- command-line flags."""
+    data = to_dict(base) if base is not None else {}
+    if getattr(args, "config", None):
+        data.update(to_dict(load_yaml(cls, args.config)))
+    for f in fields(cls):
+        v = getattr(args, f.name, None)
+        if v is not None:
+            data[f.name] = v
+    return from_dict(cls, data)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from localssl.engine.trainer import train
+
+    base = None
+    if args.resume:
+        if args.out is None:
+            raise ConfigError("--resume needs --out RUN_DIR (the run to continue)")
+        saved = Path(args.out) / "config.yaml"
+        if not saved.exists():
+            raise ConfigError(f"cannot resume: {saved} does not exist")
+        base = load_yaml(TrainConfig, saved)
+    cfg = _resolve(TrainConfig, args, base)
+    out = train(cfg, resume=args.resume)
+    print(f"run written to {out}")
+    return 0
+
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    from localssl.evaluation.run import probe_run
+
+    cfg = _resolve(ProbeConfig, args)
+    result, path = probe_run(cfg)
+    print(f"probe results written to {path}")
+    return 0
+
+
+def cmd_rules(args: argparse.Namespace) -> int:
+    from localssl.rules import RULES, build_rule  # noqa: F401
+
+    for name in RULES:
+        print(name)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="localssl", description="Local self-supervised learning rules next to end-to-end BP-SSL."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="pre-train an encoder with a rule")
+    p.add_argument("--config", help="YAML file with TrainConfig keys (flags override it)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    _add_dataclass_flags(p, TrainConfig, skip=set())
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("probe", help="linear probes and kNN on a frozen encoder")
+    p.add_argument("run", help="run folder written by `localssl train`")
+    p.add_argument("--config", help="YAML file with ProbeConfig keys (flags override it)")
+    _add_dataclass_flags(p, ProbeConfig, skip={"run"})
+    p.set_defaults(func=cmd_probe)
+
+    p = sub.add_parser("rules", help="list the registered rules")
+    p.set_defaults(func=cmd_rules)
+
+    from localssl.reports.demo import add_demo_parser
+
+    add_demo_parser(sub)
+    from localssl.reports.bench import add_bench_parser
+
+    add_bench_parser(sub)
+    from localssl.theory.linear import add_theory_parser
+
+    add_theory_parser(sub)
+    from localssl.theory.align import add_align_parser
+
+    add_align_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from localssl.engine.trainer import NonFiniteLossError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        rc = args.func(args)
+    except (ConfigError, KeyError, ValueError, FileNotFoundError) as e:
+        # Bad input: one clear line, no traceback (the message names the key/file/value).
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        print(f"localssl {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+    except NonFiniteLossError as e:
+        print(f"localssl {args.command}: {e}", file=sys.stderr)
+        return 1
+    return int(rc or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,271 @@
+"""Typed run configurations that round-trip to YAML.
+
+Every option of ``localssl train`` and ``localssl probe`` is a field here.
+A YAML file gives a base (``--config``), command-line flags override it, and
+the resolved config is saved with the run. Unknown keys and names are errors
+that list the valid ones; impossible values are caught before training
+starts, with a message that says what to change.
+"""
+from __future__ import annotations
+
+import types
+import typing
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+if TYPE_CHECKING:
+    from localssl.rules import RuleOptions
+
+
+class ConfigError(ValueError):
+    """A config key or value that cannot work; the message says what to change."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a pre-training run."""
+
+    # what to train
+    rule: str = "clapp++"
+    encoder: str = "vgg6"
+    width: float = 0.25
+    # data
+    dataset: str = "shapes10"
+    data_dir: str | None = None
+    download: bool = False
+    subset: int | None = None
+    crop_scale: list[float] | None = None
+    # rule options (METHODS 2)
+    f: str = "hinge"
+    feedback: str = "trainable"
+    grids: list[int] | None = None
+    b_l2: float = 0.0
+    temperature: float = 0.1
+    proj_dim: int = 1024
+    # optimisation (METHODS 2.4: AdamW lr 2e-4, wd 0, 32 images per batch)
+    epochs: int = 20
+    max_steps: int | None = None
+    batch_size: int = 32
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    seed: int = 0
+    # execution
+    device: str = "auto"
+    amp: str = "auto"
+    channels_last: bool = True
+    deterministic: bool = False
+    threads: int | None = None
+    # bookkeeping
+    out: str = "runs/run"
+    checkpoint_every: int = 500
+    log_every: int = 20
+    progress: bool = True
+
+
+@dataclass
+class ProbeConfig:
+    """Everything that defines a probe of a trained (or random-init) encoder."""
+
+    run: str | None = None
+    checkpoint: str | None = None
+    random_init: bool = False
+    protocols: list[str] = field(default_factory=lambda: ["fast", "knn"])
+    dataset: str | None = None
+    data_dir: str | None = None
+    train_subset: int | None = None
+    test_subset: int | None = None
+    epochs_fast: int = 100
+    epochs_paper: int = 30
+    lr: float = 1e-3
+    knn_k: int = 200
+    knn_t: float = 0.1
+    batch_size: int = 256
+    seed: int = 0
+    device: str = "auto"
+    amp: str = "auto"
+    out: str | None = None
+
+
+PROBE_PROTOCOLS = ("fast", "paper", "knn")
+AMP_MODES = ("auto", "bf16", "off")
+
+
+def _check_type(cls_name: str, name: str, tp: Any, value: Any) -> Any:
+    """Coerce YAML/CLI values to the field type, or fail naming the key."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        non_none = [a for a in args if a is not type(None)]
+        return _check_type(cls_name, name, non_none[0], value)
+    if origin is list:
+        if isinstance(value, str):
+            value = [v for v in value.replace(",", " ").split() if v]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{cls_name}.{name}: expected a list, got {value!r}")
+        return [_check_type(cls_name, name, args[0], v) for v in value]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "false", "no", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise ConfigError(f"{cls_name}.{name}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise ConfigError(f"{cls_name}.{name}: expected an integer, got {value!r}")
+        try:
+            return int(value)
+        except ValueError:
+            raise ConfigError(f"{cls_name}.{name}: expected an integer, got {value!r}") from None
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{cls_name}.{name}: expected a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{cls_name}.{name}: expected a number, got {value!r}") from None
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{cls_name}.{name}: expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def from_dict(cls: type, data: dict[str, Any]) -> Any:
+    """Build a config dataclass from a dict; unknown keys list the valid ones."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"a {cls.__name__} must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    valid = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - valid)
+    if unknown:
+        raise ConfigError(
+            f"unknown {cls.__name__} key(s) {', '.join(map(repr, unknown))}; valid keys: {', '.join(sorted(valid))}"
+        )
+    kwargs = {k: _check_type(cls.__name__, k, hints[k], v) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return asdict(cfg)
+
+
+def load_yaml(cls: type, path: str | Path) -> Any:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+    try:
+        return from_dict(cls, data)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def save_yaml(cfg: Any, path: str | Path) -> None:
+    """Write ``cfg`` as YAML atomically (temp file + rename)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    tmp.replace(path)
+
+
+def replace(cfg: Any, **overrides: Any) -> Any:
+    """A copy of ``cfg`` with ``overrides`` applied through the same type checks."""
+    data = to_dict(cfg)
+    data.update(overrides)
+    return from_dict(type(cfg), data)
+
+
+def validate_train(cfg: TrainConfig) -> None:
+    """Catch impossible settings before any data is loaded or step is taken."""
+    # Imported here: the registries import torch and the data loaders.
+    from localssl.data import DATASETS, dataset_spec
+    from localssl.models import ENCODERS, build_encoder, default_grids
+    from localssl.rules import CONTRASTIVE_F, FEEDBACK_KINDS, RULES, SPATIAL_RULES, build_rule
+
+    for kind, reg, name in (("rule", RULES, cfg.rule), ("encoder", ENCODERS, cfg.encoder),
+                            ("dataset", DATASETS, cfg.dataset), ("loss function f", CONTRASTIVE_F, cfg.f)):
+        if name not in reg:
+            raise ConfigError(f"unknown {kind} {name!r}; valid: {', '.join(reg.names())}")
+    if cfg.feedback not in FEEDBACK_KINDS:
+        raise ConfigError(f"unknown feedback {cfg.feedback!r}; valid: {', '.join(FEEDBACK_KINDS)}")
+    if cfg.amp not in AMP_MODES:
+        raise ConfigError(f"unknown amp mode {cfg.amp!r}; valid: {', '.join(AMP_MODES)}")
+    positive = {"width": cfg.width, "epochs": cfg.epochs, "lr": cfg.lr, "temperature": cfg.temperature,
+                "proj_dim": cfg.proj_dim, "checkpoint_every": cfg.checkpoint_every, "log_every": cfg.log_every}
+    for k, v in positive.items():
+        if v <= 0:
+            raise ConfigError(f"{k} must be > 0, got {v}")
+    if cfg.weight_decay < 0 or cfg.b_l2 < 0:
+        raise ConfigError("weight_decay and b_l2 must be >= 0")
+    if cfg.f == "linear" and cfg.b_l2 == 0 and cfg.feedback == "trainable":
+        raise ConfigError("f=linear is unbounded below with a trainable B: set b_l2 > 0 (e.g. 1e-3)")
+    if cfg.max_steps is not None and cfg.max_steps <= 0:
+        raise ConfigError(f"max_steps must be > 0, got {cfg.max_steps}")
+    if cfg.crop_scale is not None:
+        lo_hi = cfg.crop_scale
+        if len(lo_hi) != 2 or not 0 < lo_hi[0] <= lo_hi[1] <= 1:
+            raise ConfigError(f"crop_scale must be two numbers 0 < lo <= hi <= 1, got {lo_hi}")
+    if cfg.batch_size < 2:
+        raise ConfigError(
+            f"batch_size={cfg.batch_size}: the negative of an image is another image of the same batch "
+            "(METHODS 2), so a batch needs at least 2 images"
+        )
+    if cfg.subset is not None and cfg.subset < cfg.batch_size:
+        raise ConfigError(f"subset={cfg.subset} is smaller than one batch ({cfg.batch_size} images)")
+    spec = dataset_spec(cfg.dataset)
+    enc = build_encoder(cfg.encoder, cfg.width, spec.channels)
+    try:
+        shapes = enc.feature_shapes((spec.channels, spec.image_size, spec.image_size))
+    except RuntimeError as e:
+        raise ConfigError(
+            f"encoder {cfg.encoder} cannot take {spec.image_size}px images from {cfg.dataset}: {e}"
+        ) from None
+    grids = cfg.grids
+    if grids is None and cfg.rule in SPATIAL_RULES:
+        grids = default_grids(cfg.encoder, len(enc))
+    if grids is not None:
+        if len(grids) != len(shapes):
+            raise ConfigError(f"grids has {len(grids)} entries but encoder {cfg.encoder} has {len(shapes)} blocks")
+        for k, (g, s) in enumerate(zip(grids, shapes)):
+            if g < 1 or s[1] % g or s[2] % g:
+                sizes = [d for d in range(1, s[1] + 1) if s[1] % d == 0]
+                raise ConfigError(
+                    f"pooling grid {g} of block {k + 1} does not fit its {s[1]}x{s[2]} map at "
+                    f"{spec.image_size}px input; use one of {sizes}"
+                )
+    try:
+        build_rule(cfg.rule, shapes, rule_options(cfg, grids))
+    except ValueError as e:
+        raise ConfigError(f"rule {cfg.rule}: {e}") from None
+
+
+def rule_options(cfg: TrainConfig, grids: list[int] | None = None) -> RuleOptions:
+    """The rule's options out of a train config."""
+    from localssl.rules import RuleOptions
+
+    return RuleOptions(f=cfg.f, feedback=cfg.feedback, grids=grids if grids is not None else cfg.grids,
+                       b_l2=cfg.b_l2, temperature=cfg.temperature, proj_dim=cfg.proj_dim)
+
+
+def validate_probe(cfg: ProbeConfig) -> None:
+    bad = [p for p in cfg.protocols if p not in PROBE_PROTOCOLS]
+    if bad:
+        raise ConfigError(f"unknown probe protocol(s) {bad}; valid: {', '.join(PROBE_PROTOCOLS)}")
+    if cfg.knn_k < 1 or cfg.knn_t <= 0:
+        raise ConfigError("knn_k must be >= 1 and knn_t > 0")
+    if cfg.amp not in AMP_MODES:
+        raise ConfigError(f"unknown amp mode {cfg.amp!r}; valid: {', '.join(AMP_MODES)}")
+
+
+__all__ = [
+    "ConfigError", "TrainConfig", "ProbeConfig", "from_dict", "to_dict", "load_yaml", "save_yaml", "replace",
+    "validate_train", "validate_probe", "rule_options",
+]

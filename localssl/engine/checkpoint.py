@@ -1,0 +1,78 @@
+"""Checkpoints: everything needed to continue, written atomically.
+
+A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts,
+so it loads with ``torch.load(weights_only=True)``: no pickled objects, no
+code runs when a user opens one. It is written to a temporary file in the
+same folder and renamed over the old one, so a crash mid-write never leaves a
+broken checkpoint behind.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+CHECKPOINT = "checkpoint.pt"
+ENCODER = "encoder.pt"
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def save_atomic(obj: Any, path: str | Path) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {path}")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # torch raises several types for a damaged file
+        raise CheckpointError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e})") from None
+    if not isinstance(state, dict) or "encoder" not in state:
+        raise CheckpointError(f"{path} is not a localssl checkpoint (no 'encoder' entry)")
+    return state
+
+
+def rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_encoder_from_run(run_dir: str | Path, checkpoint: str | Path | None = None, device: str = "cpu"):
+    """(encoder with trained weights, TrainConfig) of a run folder."""
+    from localssl.config import TrainConfig, from_dict
+    from localssl.data import dataset_spec
+    from localssl.models import build_encoder
+
+    run_dir = Path(run_dir)
+    path = Path(checkpoint) if checkpoint is not None else run_dir / CHECKPOINT
+    state = load_checkpoint(path, map_location=device)
+    cfg = from_dict(TrainConfig, state["config"])
+    spec = dataset_spec(cfg.dataset)
+    encoder = build_encoder(cfg.encoder, cfg.width, spec.channels)
+    encoder.load_state_dict(state["encoder"])
+    return encoder.to(device), cfg

@@ -1,0 +1,110 @@
+"""Device, precision and threading choices, made in one place."""
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+
+import torch
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` -> CUDA when present, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} asked for, but CUDA is not available here")
+    return dev
+
+
+def cpu_supports_bf16() -> bool:
+    """True where the CPU has native bf16 matrix instructions (AMX-BF16 or AVX512-BF16).
+
+    oneDNN also *emulates* bf16 on plain AVX-512, and reports it as supported,
+    but there it runs 2-5x slower than fp32 (measured on an AVX-512 Xeon
+    without either flag: ``localssl bench`` prints the comparison). So the
+    flags are read from /proc/cpuinfo rather than trusting that report.
+    """
+    try:
+        with open("/proc/cpuinfo") as fh:
+            flags = set()
+            for line in fh:
+                if line.startswith("flags"):
+                    flags.update(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        return False
+    return bool(flags & {"amx_bf16", "avx512_bf16"})
+
+
+def resolve_amp(mode: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``mode`` (auto|bf16|off) on ``device``, or None.
+
+    ``auto`` takes bf16 where the hardware runs it natively (CUDA with bf16
+    support, CPUs with AVX512-BF16/AMX-BF16), where it is several times faster
+    than fp32, and fp32 everywhere else.
+    """
+    if mode == "off":
+        return None
+    if mode == "bf16":
+        return torch.bfloat16
+    if mode != "auto":
+        raise ValueError(f"unknown amp mode {mode!r}; valid: auto, bf16, off")
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    return torch.bfloat16 if cpu_supports_bf16() else None
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def set_deterministic(on: bool) -> None:
+    """Bitwise-repeatable runs (the resume test relies on it)."""
+    torch.use_deterministic_algorithms(on, warn_only=False)
+    if on:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.benchmark = False
+
+
+def environment_info(device: torch.device | None = None) -> dict[str, str | int]:
+    """Hardware and versions, saved with every run and benchmark (STYLE principle 6)."""
+    import platform
+
+    info: dict[str, str | int] = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "cpu": _cpu_name(),
+        "cpu_count": os.cpu_count() or 0,
+        "torch_threads": torch.get_num_threads(),
+    }
+    try:
+        import kornia
+
+        info["kornia"] = kornia.__version__
+    except ImportError:  # pragma: no cover
+        pass
+    if device is not None and device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def _cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or "unknown"

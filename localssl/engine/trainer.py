@@ -1,0 +1,264 @@
+"""The training loop: one loop for local and end-to-end rules.
+
+For every batch, each group of blocks declared by the rule (one block per
+group for local rules, one group of every block for BP) runs forward on the
+*detached* output of the previous group, computes its own loss, runs backward
+and steps its own optimizer; its autograd graph is freed before the next
+group starts. Peak activation memory is therefore one group's, not the whole
+network's. (Summing all local losses and calling backward once, as the
+reference code does, gives the same gradients but keeps every layer's graph
+alive; ``tests/test_trainer.py`` checks that both give equal updates.)
+
+Optimisers are per group: AdamW is element-wise, so a per-group AdamW is the
+same update as one AdamW over all parameters (METHODS 2.4: lr 2e-4, wd 0).
+"""
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from localssl.config import ConfigError, TrainConfig, rule_options, save_yaml, to_dict, validate_train
+from localssl.data import dataset_spec, load_dataset
+from localssl.data.augment import SimCLRViews
+from localssl.engine.checkpoint import CHECKPOINT, ENCODER, load_checkpoint, rng_state, save_atomic, set_rng_state
+from localssl.engine.metrics import MetricLog
+from localssl.engine.runtime import (
+    autocast,
+    environment_info,
+    resolve_amp,
+    resolve_device,
+    seed_everything,
+    set_deterministic,
+)
+from localssl.models import BlockEncoder, build_encoder, default_grids
+from localssl.rules import SPATIAL_RULES, Rule, build_rule
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss became NaN/inf; the run stops and keeps its last good checkpoint."""
+
+
+# Options that may change when a run is resumed; anything else must match.
+RESUMABLE_CHANGES = {"epochs", "max_steps", "progress", "checkpoint_every", "log_every", "device", "threads", "out"}
+
+
+def build_optimizers(encoder: BlockEncoder, rule: Rule, lr: float, weight_decay: float) -> list[torch.optim.Optimizer]:
+    """One AdamW per group: the group's blocks plus the rule's parameters for it."""
+    opts = []
+    for g, blocks in enumerate(rule.groups()):
+        params = [p for k in blocks for p in encoder.blocks[k].parameters()] + rule.group_parameters(g)
+        opts.append(torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay))
+    return opts
+
+
+def train_step(
+    encoder: BlockEncoder,
+    rule: Rule,
+    optimizers: Sequence[torch.optim.Optimizer] | None,
+    views: torch.Tensor,
+    amp_ctx=None,
+    device: torch.device | None = None,
+    amp_dtype: torch.dtype | None = None,
+) -> list[torch.Tensor]:
+    """One step on a batch of stacked views; returns every group's (detached) loss.
+
+    With ``optimizers=None`` only the gradients are computed (they are left in
+    ``.grad``), which is what gradient-alignment analysis and tests need.
+    """
+    dev = device or views.device
+
+    def ctx():
+        return autocast(dev, amp_dtype) if amp_ctx is None else amp_ctx()
+
+    top = None
+    if rule.needs_top_context:
+        # DFB context: the other view's top-layer output, with no gradient.
+        with torch.no_grad(), ctx():
+            top = encoder.run_blocks(views, range(len(encoder)))
+    losses = []
+    h = views
+    for g, blocks in enumerate(rule.groups()):
+        # The cut between blocks: no gradient crosses it.
+        h_in = h.detach()
+        with ctx():
+            out = encoder.run_blocks(h_in, blocks)
+            loss = rule.loss(g, out, top)
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(f"loss of group {g + 1} (blocks {[b + 1 for b in blocks]}) is {loss.item()}")
+        if optimizers is not None:
+            optimizers[g].zero_grad(set_to_none=True)
+        loss.backward()
+        if optimizers is not None:
+            optimizers[g].step()
+        # Keep only the values; the graph of this group is freed here.
+        h = out.detach()
+        losses.append(loss.detach())
+        del out, loss
+    return losses
+
+
+def _load_images(cfg: TrainConfig):
+    spec = dataset_spec(cfg.dataset)
+    data = load_dataset(cfg.dataset, cfg.data_dir, spec.pretrain_split, download=cfg.download)
+    if cfg.subset is not None and cfg.subset < len(data):
+        data = data.subset(cfg.subset, seed=cfg.seed)
+    return spec, data
+
+
+class _Batches:
+    """Epoch-wise random batches of uint8 images, reproducible from (seed, epoch).
+
+    The permutation of an epoch depends only on the seed and the epoch, so a
+    resumed run picks up mid-epoch at exactly the batch it stopped before.
+    """
+
+    def __init__(self, images: np.ndarray, batch_size: int, seed: int, device: torch.device) -> None:
+        self.n = len(images)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.device = device
+        # Small data sets live on the device as uint8 (airbench); large ones
+        # stay memory-mapped and are gathered per batch.
+        if images.nbytes <= 4 * 2**30:
+            self.images = torch.from_numpy(np.ascontiguousarray(images)).to(device)
+            self.memmap = None
+        else:
+            self.images, self.memmap = None, images
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.n // self.batch_size
+
+    def batch(self, epoch: int, i: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        perm = torch.randperm(self.n, generator=g)
+        idx = perm[i * self.batch_size : (i + 1) * self.batch_size]
+        if self.images is not None:
+            return self.images[idx.to(self.device)]
+        idx_sorted = np.sort(idx.numpy())  # sorted reads are much faster on a memmap
+        return torch.from_numpy(self.memmap[idx_sorted]).to(self.device)
+
+
+def train(cfg: TrainConfig, resume: bool = False) -> Path:
+    """Pre-train an encoder with ``cfg.rule``; returns the run folder."""
+    validate_train(cfg)
+    out = Path(cfg.out)
+    ckpt_path = out / CHECKPOINT
+    state = None
+    if resume:
+        state = load_checkpoint(ckpt_path)
+        saved = state["config"]
+        diff = {k: (saved[k], v) for k, v in to_dict(cfg).items() if k not in RESUMABLE_CHANGES and saved.get(k) != v}
+        if diff:
+            raise ConfigError(
+                "cannot resume with a different config: "
+                + "; ".join(f"{k}: run has {a!r}, asked {b!r}" for k, (a, b) in diff.items())
+            )
+    elif ckpt_path.exists():
+        raise ConfigError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    save_yaml(cfg, out / "config.yaml")
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    set_deterministic(cfg.deterministic)
+    seed_everything(cfg.seed)
+    device = resolve_device(cfg.device)
+    amp_dtype = resolve_amp(cfg.amp, device)
+
+    spec, data = _load_images(cfg)
+    encoder = build_encoder(cfg.encoder, cfg.width, spec.channels)
+    shapes = encoder.feature_shapes((spec.channels, spec.image_size, spec.image_size))
+    grids = cfg.grids if cfg.grids is not None else (
+        default_grids(cfg.encoder, len(encoder)) if cfg.rule in SPATIAL_RULES else None)
+    rule = build_rule(cfg.rule, shapes, rule_options(cfg, grids))
+    mf = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    encoder.to(device, memory_format=mf)
+    rule.to(device)
+    optimizers = build_optimizers(encoder, rule, cfg.lr, cfg.weight_decay)
+    crop = tuple(cfg.crop_scale) if cfg.crop_scale else spec.crop_scale
+    augment = SimCLRViews(spec.image_size, spec.mean, spec.std, crop_scale=crop).to(device)
+    batches = _Batches(data.images, cfg.batch_size, cfg.seed, device)
+    if batches.steps_per_epoch == 0:
+        raise ConfigError(f"{len(data)} images make no batch of {cfg.batch_size}")
+    total = cfg.epochs * batches.steps_per_epoch
+    if cfg.max_steps is not None:
+        total = min(total, cfg.max_steps)
+
+    step = 0
+    if state is not None:
+        encoder.load_state_dict(state["encoder"])
+        rule.load_state_dict(state["rule"])
+        for opt, sd in zip(optimizers, state["optimizers"]):
+            opt.load_state_dict(sd)
+        step = int(state["step"])
+        set_rng_state(state["rng"])
+    log = MetricLog(out, resume_step=step if state is not None else None)
+    env = environment_info(device)
+
+    def checkpoint() -> None:
+        save_atomic(
+            {
+                "encoder": encoder.state_dict(),
+                "rule": rule.state_dict(),
+                "optimizers": [o.state_dict() for o in optimizers],
+                "step": step,
+                "epoch": step // batches.steps_per_epoch,
+                "rng": rng_state(),
+                "config": to_dict(cfg),
+                "env": env,
+            },
+            ckpt_path,
+        )
+
+    encoder.train()
+    bar = tqdm(total=total, initial=step, disable=not cfg.progress, desc=f"{cfg.rule}", dynamic_ncols=True)
+    window_t, window_imgs, last_loss = time.perf_counter(), 0, float("nan")
+    t_start, imgs_total = time.perf_counter(), 0
+    try:
+        while step < total:
+            epoch, i = divmod(step, batches.steps_per_epoch)
+            x = batches.batch(epoch, i)
+            views = augment(x)
+            try:
+                losses = train_step(encoder, rule, optimizers, views, device=device, amp_dtype=amp_dtype)
+            except NonFiniteLossError as e:
+                raise NonFiniteLossError(
+                    f"{e} in step {step + 1} (epoch {epoch + 1}); stopped. The last good checkpoint is kept at "
+                    f"{ckpt_path if ckpt_path.exists() else '(none written yet)'}; lower --lr or change --amp."
+                ) from None
+            step += 1
+            window_imgs += x.shape[0]
+            imgs_total += x.shape[0]
+            if step % cfg.log_every == 0 or step == total:
+                vals = [float(v) for v in losses]
+                now = time.perf_counter()
+                ips = window_imgs / max(now - window_t, 1e-9)
+                window_t, window_imgs = now, 0
+                last_loss = sum(vals)
+                row = {"step": step, "epoch": step / batches.steps_per_epoch, "loss": last_loss,
+                       **{f"loss_{g + 1}": v for g, v in enumerate(vals)}, "images_per_s": ips}
+                log.log(row)
+                bar.set_postfix(loss=f"{last_loss:.4f}", img_s=f"{ips:.0f}")
+            bar.update(1)
+            if step % cfg.checkpoint_every == 0 and step < total:
+                checkpoint()
+    finally:
+        bar.close()
+    checkpoint()
+    save_atomic(encoder.state_dict(), out / ENCODER)
+    seconds = time.perf_counter() - t_start
+    summary = {"steps": step, "images_seen_this_session": imgs_total, "seconds_this_session": seconds,
+               "images_per_s": imgs_total / max(seconds, 1e-9), "final_loss": last_loss,
+               "amp": str(amp_dtype), "device": str(device), "env": env}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return out
+
+
+__all__ = ["train", "train_step", "build_optimizers", "NonFiniteLossError"]

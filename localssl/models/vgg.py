@@ -1,0 +1,75 @@
+"""VGG encoders of the CLAPP++ experiments (METHODS 2.1).
+
+VGG-6: six 3x3 conv layers (padding 1, bias, ReLU, no normalisation) with
+128, 256, 256, 512, 1024, 1024 channels and a 2x2 max-pool after layers 2, 4,
+5 and 6. Every layer is its own block, and the max-pool belongs to the block
+of the layer before it: that is what makes the reference pooling kernels
+(4-4-4-2-2-1 at 32 px) land on the reference grids (8, 4, 4, 4, 2, 2).
+The 8-layer ImageNet variant: 128, 256M, 512M, 512, 1024M, 1024M, 1024, 1024M.
+"""
+from __future__ import annotations
+
+from torch import nn
+
+from localssl.models.blocks import BlockEncoder
+from localssl.registry import Registry
+
+# (channels, max-pool after the layer)
+VGG_CONFIGS: dict[str, list[tuple[int, bool]]] = {
+    "vgg6": [(128, False), (256, True), (256, False), (512, True), (1024, True), (1024, True)],
+    "vgg8": [
+        (128, False), (256, True), (512, True), (512, False),
+        (1024, True), (1024, True), (1024, False), (1024, True),
+    ],
+}
+
+# Pooled grid side per block for the spatially dependent CLAPP++ loss
+# (METHODS 2.2). For VGG-8 the paper gives no grids; these keep the same
+# ~4096-8192 dims per layer at 224 px *(inferred)*.
+DEFAULT_GRIDS: dict[str, list[int]] = {
+    "vgg6": [8, 4, 4, 4, 2, 2],
+    "vgg8": [8, 4, 4, 4, 2, 2, 2, 2],
+}
+
+ENCODERS: Registry = Registry("encoder")
+
+
+def _vgg(name: str, width: float, in_channels: int) -> BlockEncoder:
+    if width <= 0:
+        raise ValueError(f"width multiplier must be > 0, got {width}")
+    blocks = []
+    c_in = in_channels
+    for c, pool in VGG_CONFIGS[name]:
+        c_out = max(1, int(round(c * width)))
+        layers: list[nn.Module] = [nn.Conv2d(c_in, c_out, 3, padding=1, bias=True), nn.ReLU(inplace=False)]
+        if pool:
+            layers.append(nn.MaxPool2d(2))
+        blocks.append(nn.Sequential(*layers))
+        c_in = c_out
+    return BlockEncoder(blocks, name=name)
+
+
+@ENCODERS.register("vgg6")
+def vgg6(width: float = 1.0, in_channels: int = 3) -> BlockEncoder:
+    """VGG-6 of METHODS 2.1, channel counts scaled by ``width``."""
+    return _vgg("vgg6", width, in_channels)
+
+
+@ENCODERS.register("vgg8")
+def vgg8(width: float = 1.0, in_channels: int = 3) -> BlockEncoder:
+    """The 8-layer ImageNet variant of METHODS 2.1, scaled by ``width``."""
+    return _vgg("vgg8", width, in_channels)
+
+
+def build_encoder(name: str, width: float = 1.0, in_channels: int = 3) -> BlockEncoder:
+    """Build a registered encoder by name (unknown names list the valid ones)."""
+    return ENCODERS.get(name)(width=width, in_channels=in_channels)
+
+
+def default_grids(name: str, num_blocks: int | None = None) -> list[int]:
+    """Reference pooling grids for ``name``; 1 (global pooling) if unknown."""
+    if name in DEFAULT_GRIDS:
+        return list(DEFAULT_GRIDS[name])
+    if num_blocks is None:
+        raise KeyError(f"no default pooling grids for encoder {name!r}; give grids explicitly")
+    return [1] * num_blocks

@@ -1,0 +1,1 @@
+"""The demo, the benchmark, plots and README tables."""

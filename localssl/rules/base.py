@@ -1,0 +1,81 @@
+"""What a learning rule is, to the trainer.
+
+A rule is a thin object (STYLE principle 2): its loss, where its context comes
+from, and which parameters it owns. It declares how the encoder's blocks are
+grouped; every group trains on its own loss, with its input detached. Local
+rules put every block in its own group; end-to-end BP is the same machinery
+with a single group holding every block, so nothing is detached.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+FEEDBACK_KINDS = ("trainable", "identity", "fixed")
+
+
+@dataclass
+class RuleOptions:
+    """Options shared by the rules (each rule reads the ones it uses).
+
+    f: the decreasing loss function of METHODS 2 (hinge, softplus/logistic,
+       linear, type1).
+    feedback: B^l trainable, identity (Forward-Forward-like) or fixed random
+       (DFA-like).
+    grids: pooled grid side per block (METHODS 2.2); None takes the
+       encoder's reference grids for spatial rules.
+    b_l2: L2 penalty on B (needed by the linear f).
+    temperature, proj_dim: InfoNCE's temperature and projection width.
+    """
+
+    f: str = "hinge"
+    feedback: str = "trainable"
+    grids: list[int] | None = None
+    b_l2: float = 0.0
+    temperature: float = 0.1
+    proj_dim: int = 1024
+    extra: dict = field(default_factory=dict)
+
+
+class Rule(nn.Module):
+    """Base class of all learning rules.
+
+    Subclasses set ``local`` and ``needs_top_context`` and implement
+    ``groups``, ``loss`` and (if they own parameters) ``group_parameters``.
+    """
+
+    #: True: one group per block, inputs detached; False: end-to-end.
+    local: bool = True
+    #: True: the trainer hands the (detached) top block output to every loss.
+    needs_top_context: bool = False
+    #: Smallest number of images per batch for which the loss is defined.
+    min_batch: int = 2
+
+    def __init__(self, feature_shapes: Sequence[tuple[int, ...]], options: RuleOptions) -> None:
+        super().__init__()
+        self.feature_shapes = [tuple(s) for s in feature_shapes]
+        self.options = options
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.feature_shapes)
+
+    def groups(self) -> list[list[int]]:
+        """Consecutive groups of block indices that train on one loss each."""
+        if self.local:
+            return [[k] for k in range(self.num_blocks)]
+        return [list(range(self.num_blocks))]
+
+    def loss(self, g: int, h: torch.Tensor, top: torch.Tensor | None = None) -> torch.Tensor:
+        """Scalar loss of group ``g`` given its last block's output ``h`` (2B views)."""
+        raise NotImplementedError
+
+    def group_parameters(self, g: int) -> list[nn.Parameter]:
+        """The rule's own trainable parameters that group ``g``'s loss trains."""
+        return []
+
+    def extra_repr(self) -> str:
+        return f"local={self.local}, groups={len(self.groups())}"

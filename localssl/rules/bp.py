@@ -1,0 +1,34 @@
+"""End-to-end baselines: one group holding every block, nothing detached."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from localssl.rules.base import Rule, RuleOptions
+from localssl.rules.losses import info_nce, spatial_pool
+
+
+class BPInfoNCE(Rule):
+    """BP-InfoNCE, SimCLR-like (METHODS 2.3).
+
+    Top block, global average pooling, a shared bias-free linear projection to
+    ``proj_dim`` (1024) dims, cosine similarity / temperature (0.1),
+    cross-entropy over the B x B view-1-vs-view-2 matrix.
+    """
+
+    local = False
+
+    def __init__(self, feature_shapes: Sequence[tuple[int, ...]], options: RuleOptions) -> None:
+        super().__init__(feature_shapes, options)
+        c = int(self.feature_shapes[-1][0])
+        self.projection = nn.Linear(c, options.proj_dim, bias=False)
+
+    def loss(self, g: int, h: torch.Tensor, top: torch.Tensor | None = None) -> torch.Tensor:
+        p = self.projection(spatial_pool(h, 1))
+        n = p.shape[0] // 2
+        return info_nce(p[:n], p[n:], self.options.temperature)
+
+    def group_parameters(self, g: int) -> list[nn.Parameter]:
+        return list(self.projection.parameters())

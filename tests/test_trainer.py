@@ -1,0 +1,127 @@
+"""The training loop: resume, checkpoints, non-finite losses, run folders."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from localssl.config import ConfigError, TrainConfig
+from localssl.engine import trainer as trainer_mod
+from localssl.engine.checkpoint import CHECKPOINT, load_checkpoint
+from localssl.engine.trainer import NonFiniteLossError, train
+
+
+def tiny_cfg(tmp_path, **kw) -> TrainConfig:
+    base = dict(
+        rule="clapp++", dataset="shapes10", width=1 / 16, subset=96, batch_size=16, epochs=1,
+        max_steps=None, amp="off", deterministic=True, progress=False, checkpoint_every=3, log_every=1,
+        out=str(tmp_path / "run"), seed=3,
+    )
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("LOCALSSL_CACHE", str(tmp_path / "cache"))
+
+
+def _weights(run_dir):
+    return load_checkpoint(run_dir / CHECKPOINT)["encoder"]
+
+
+@pytest.mark.parametrize("rule", ["clapp++", "bp-infonce"])
+def test_resume_mid_epoch_matches_uninterrupted(tmp_path, monkeypatch, rule):
+    """A crash after step 4 (last checkpoint: step 3, mid-epoch) + --resume == one clean run."""
+    clean = train(tiny_cfg(tmp_path, rule=rule, out=str(tmp_path / "clean")))
+
+    real_step = trainer_mod.train_step
+    calls = {"n": 0}
+
+    def crashing_step(*a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt("simulated stop")
+        return real_step(*a, **kw)
+
+    monkeypatch.setattr(trainer_mod, "train_step", crashing_step)
+    cfg = tiny_cfg(tmp_path, rule=rule, out=str(tmp_path / "crashed"))
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg)
+    state = load_checkpoint(tmp_path / "crashed" / CHECKPOINT)
+    assert state["step"] == 3  # 6 steps per epoch: the stop was mid-epoch
+    monkeypatch.setattr(trainer_mod, "train_step", real_step)
+    resumed = train(cfg, resume=True)
+
+    a, b = _weights(clean), _weights(resumed)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    # The metric log describes one trajectory: steps 1..6 once each.
+    steps = [json.loads(line)["step"] for line in (resumed / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 7))
+
+
+def test_checkpoint_loads_weights_only_and_holds_everything(tmp_path):
+    run = train(tiny_cfg(tmp_path, max_steps=2))
+    state = torch.load(run / CHECKPOINT, weights_only=True)
+    assert {"encoder", "rule", "optimizers", "step", "rng", "config"} <= set(state)
+    assert state["step"] == 2 and state["config"]["rule"] == "clapp++"
+    assert (run / "config.yaml").exists() and (run / "metrics.csv").exists() and (run / "encoder.pt").exists()
+    assert len(state["optimizers"]) == 6  # one per block for a local rule
+
+
+def test_training_changes_weights(tmp_path):
+    from localssl.models import build_encoder
+
+    run = train(tiny_cfg(tmp_path, max_steps=2))
+    torch.manual_seed(3)
+    init = build_encoder("vgg6", 1 / 16).state_dict()
+    trained = _weights(run)
+    assert all(not torch.equal(init[k], trained[k]) for k in init)
+
+
+def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    from localssl.rules.clapp import CLAPPPlusPlus
+
+    real_loss = CLAPPPlusPlus.loss
+    calls = {"n": 0}
+
+    def bad_loss(self, g, h, top=None):
+        calls["n"] += 1
+        loss = real_loss(self, g, h, top)
+        # Step 5, block 2: NaN (6 blocks per step).
+        return loss * float("nan") if calls["n"] == 4 * 6 + 2 else loss
+
+    monkeypatch.setattr(CLAPPPlusPlus, "loss", bad_loss)
+    cfg = tiny_cfg(tmp_path)
+    with pytest.raises(NonFiniteLossError, match=r"group 2 \(blocks \[2\]\).*step 5.*last good checkpoint"):
+        train(cfg)
+    state = load_checkpoint(tmp_path / "run" / CHECKPOINT)
+    assert state["step"] == 3
+    for v in state["encoder"].values():
+        assert torch.isfinite(v).all()
+
+
+def test_existing_run_is_not_overwritten(tmp_path):
+    cfg = tiny_cfg(tmp_path, max_steps=1)
+    train(cfg)
+    with pytest.raises(ConfigError, match="already holds a run"):
+        train(cfg)
+
+
+def test_resume_refuses_a_different_config(tmp_path):
+    cfg = tiny_cfg(tmp_path, max_steps=1)
+    train(cfg)
+    with pytest.raises(ConfigError, match="lr"):
+        train(tiny_cfg(tmp_path, max_steps=2, lr=1e-3), resume=True)
+
+
+def test_corrupt_checkpoint_is_reported_by_name(tmp_path):
+    cfg = tiny_cfg(tmp_path, max_steps=1)
+    run = train(cfg)
+    data = (run / CHECKPOINT).read_bytes()
+    (run / CHECKPOINT).write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=str(run / CHECKPOINT)):
+        load_checkpoint(run / CHECKPOINT)
