@@ -187,8 +187,8 @@ def validate_train(cfg: TrainConfig) -> None:
     """Catch impossible settings before any data is loaded or step is taken."""
     # Imported here: the registries import torch and the data loaders.
     from localssl.data import DATASETS, dataset_spec
-    from localssl.models import ENCODERS, build_encoder, default_grids
-    from localssl.rules import CONTRASTIVE_F, FEEDBACK_KINDS, RULES, SPATIAL_RULES, build_rule
+    from localssl.models import ENCODERS
+    from localssl.rules import CONTRASTIVE_F, FEEDBACK_KINDS, RULES
 
     for kind, reg, name in (("rule", RULES, cfg.rule), ("encoder", ENCODERS, cfg.encoder),
                             ("dataset", DATASETS, cfg.dataset), ("loss function f", CONTRASTIVE_F, cfg.f)):
@@ -221,13 +221,21 @@ def validate_train(cfg: TrainConfig) -> None:
     if cfg.subset is not None and cfg.subset < cfg.batch_size:
         raise ConfigError(f"subset={cfg.subset} is smaller than one batch ({cfg.batch_size} images)")
     spec = dataset_spec(cfg.dataset)
-    enc = build_encoder(cfg.encoder, cfg.width, spec.channels)
+    if spec.image_size is None:
+        return  # known only once the data is read (imagefolder): train() checks again then
+    check_shapes(cfg, spec.image_size, spec.channels)
+
+
+def check_shapes(cfg: TrainConfig, image_size: int, channels: int) -> None:
+    """Grids and rule against the encoder's block shapes at ``image_size``."""
+    from localssl.models import build_encoder, default_grids
+    from localssl.rules import SPATIAL_RULES, build_rule
+
+    enc = build_encoder(cfg.encoder, cfg.width, channels)
     try:
-        shapes = enc.feature_shapes((spec.channels, spec.image_size, spec.image_size))
+        shapes = enc.feature_shapes((channels, image_size, image_size))
     except RuntimeError as e:
-        raise ConfigError(
-            f"encoder {cfg.encoder} cannot take {spec.image_size}px images from {cfg.dataset}: {e}"
-        ) from None
+        raise ConfigError(f"encoder {cfg.encoder} cannot take {image_size}px images from {cfg.dataset}: {e}") from None
     grids = cfg.grids
     if grids is None and cfg.rule in SPATIAL_RULES:
         grids = default_grids(cfg.encoder, len(enc))
@@ -239,10 +247,13 @@ def validate_train(cfg: TrainConfig) -> None:
                 sizes = [d for d in range(1, s[1] + 1) if s[1] % d == 0]
                 raise ConfigError(
                     f"pooling grid {g} of block {k + 1} does not fit its {s[1]}x{s[2]} map at "
-                    f"{spec.image_size}px input; use one of {sizes}"
+                    f"{image_size}px input; use one of {sizes}"
                 )
     try:
-        build_rule(cfg.rule, shapes, rule_options(cfg, grids))
+        import torch
+
+        with torch.device("meta"):  # check only: no memory for (up to 8192 x 8192) B matrices
+            build_rule(cfg.rule, shapes, rule_options(cfg, grids))
     except ValueError as e:
         raise ConfigError(f"rule {cfg.rule}: {e}") from None
 

@@ -44,7 +44,7 @@ def test_wrong_type_names_the_key():
         ({"f": "relu"}, r"unknown loss function f 'relu'.*hinge"),
         ({"feedback": "random"}, r"unknown feedback.*fixed"),
         ({"batch_size": 1}, "at least 2 images"),
-        ({"grids": [8, 4, 4, 3, 2, 2]}, r"grid 3 of block 4 does not fit its 4x4 map.*\[1, 2, 4\]"),
+        ({"grids": [8, 4, 4, 3, 2, 2]}, r"grid 3 of block 4 does not fit its 8x8 map at 32px.*\[1, 2, 4, 8\]"),
         ({"grids": [8, 4]}, "2 entries but encoder vgg6 has 6 blocks"),
         ({"f": "linear"}, "b_l2"),
         ({"lr": 0}, "lr must be > 0"),

@@ -81,7 +81,7 @@ def environment_info(device: torch.device | None = None) -> dict[str, str | int]
 
     info: dict[str, str | int] = {
         "python": platform.python_version(),
-        "torch": torch.__version__,
+        "torch": str(torch.__version__),
         "platform": platform.platform(),
         "cpu": _cpu_name(),
         "cpu_count": os.cpu_count() or 0,
@@ -90,7 +90,7 @@ def environment_info(device: torch.device | None = None) -> dict[str, str | int]
     try:
         import kornia
 
-        info["kornia"] = kornia.__version__
+        info["kornia"] = str(kornia.__version__)
     except ImportError:  # pragma: no cover
         pass
     if device is not None and device.type == "cuda":

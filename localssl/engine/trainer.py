@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from localssl.config import ConfigError, TrainConfig, rule_options, save_yaml, to_dict, validate_train
+from localssl.config import ConfigError, TrainConfig, check_shapes, rule_options, save_yaml, to_dict, validate_train
 from localssl.data import dataset_spec, load_dataset
 from localssl.data.augment import SimCLRViews
 from localssl.engine.checkpoint import CHECKPOINT, ENCODER, load_checkpoint, rng_state, save_atomic, set_rng_state
@@ -106,6 +106,9 @@ def train_step(
 def _load_images(cfg: TrainConfig):
     spec = dataset_spec(cfg.dataset)
     data = load_dataset(cfg.dataset, cfg.data_dir, spec.pretrain_split, download=cfg.download)
+    if spec.image_size is None:  # imagefolder: size and classes come from the files
+        spec = spec.resolved(data)
+        check_shapes(cfg, spec.image_size, spec.channels)
     if cfg.subset is not None and cfg.subset < len(data):
         data = data.subset(cfg.subset, seed=cfg.seed)
     return spec, data
@@ -126,7 +129,7 @@ class _Batches:
         # Small data sets live on the device as uint8 (airbench); large ones
         # stay memory-mapped and are gathered per batch.
         if images.nbytes <= 4 * 2**30:
-            self.images = torch.from_numpy(np.ascontiguousarray(images)).to(device)
+            self.images = torch.from_numpy(np.array(images, copy=True)).to(device)  # writable copy
             self.memmap = None
         else:
             self.images, self.memmap = None, images

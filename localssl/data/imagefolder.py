@@ -1,0 +1,367 @@
+"""Folders of image files (``<class>/<image>``, optionally under ``<split>/``), plain or archived.
+
+Layouts understood, in a folder or in a ``.tar``/``.tar.gz``/``.tgz``/``.zip``::
+
+    root/<class>/<image>              split "all"
+    root/<split>/<class>/<image>      splits = the top folder names
+    root/<wrapper>/...                one top-level folder wrapping either of the above
+                                      (e.g. ``cifar10/{train,test}/<class>/NNNN.jpg``)
+
+Class indices come from the sorted union of class folders over *all* splits,
+so ``train`` and ``test`` agree on label numbering even if a split lacks a
+class. Archives are read member by member (tar in one streaming pass per
+decode, zip by random access): nothing is extracted.
+
+Every image of a split must have the same size (training stacks them into one
+array); the first odd file is named in the error. Pass ``resize=S`` (or
+``(H, W)``) to resize everything with bicubic filtering instead; that choice
+is part of the cache key. Images are always converted to 3-channel RGB.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from localssl.data.archive import ZipReader, is_tar_name, is_zip_name, iter_tar, iter_tar_files, read_exact
+from localssl.data.base import (
+    DATASETS,
+    Allocator,
+    DatasetError,
+    DatasetLoader,
+    DatasetNotFoundError,
+    DatasetSpec,
+    Plan,
+    Source,
+    require_root,
+)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+# ImageNet statistics: the usual default for natural images without their own.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def parse_size(resize: int | Sequence[int] | None) -> tuple[int, int] | None:
+    """``64`` or ``(64, 64)`` -> ``(H, W)``; None stays None."""
+    if resize is None:
+        return None
+    if isinstance(resize, int):
+        size = (resize, resize)
+    else:
+        size = tuple(int(s) for s in resize)
+    if len(size) != 2 or min(size) <= 0:
+        raise ValueError(f"resize must be a positive int or (H, W), got {resize!r}")
+    return size  # type: ignore[return-value]
+
+
+def decode_image(data: bytes, where: str, size: tuple[int, int] | None = None) -> np.ndarray:
+    """Encoded bytes (JPEG, PNG, ...) -> uint8 ``(H, W, 3)``, optionally resized to ``size=(H, W)``.
+
+    Any decoding failure (unknown format, truncated file) is a `DatasetError`
+    naming ``where``. Grayscale, palette and RGBA images become RGB.
+    """
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            rgb = im.convert("RGB")  # decodes fully: a truncated file fails here, not later
+        if size is not None and rgb.size != (size[1], size[0]):
+            rgb = rgb.resize((size[1], size[0]), Image.Resampling.BICUBIC)
+        return np.asarray(rgb, dtype=np.uint8)
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... depending on the codec
+        raise DatasetError(f"{where}: cannot decode image ({type(e).__name__}: {e})") from e
+
+
+def is_image_name(name: str) -> bool:
+    parts = name.split("/")
+    if any(p.startswith(".") or p == "__MACOSX" for p in parts):
+        return False  # editor/OS droppings such as ._foo.jpg from macOS archives
+    return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+# ----------------------------------------------------------------------------- trees
+
+
+class FileTree:
+    """Relative file names plus a way to read a set of them; one per folder or archive."""
+
+    path: Path
+    #: every regular file, as normalised ``a/b/c`` names
+    names: list[str]
+
+    def where(self, name: str) -> str:
+        """How to point a human at one file in error messages."""
+        raise NotImplementedError
+
+    def read_many(self, wanted: Iterable[str]) -> Iterator[tuple[str, bytes]]:
+        """Yield ``(name, bytes)`` for every wanted name, in whatever order is cheapest."""
+        raise NotImplementedError
+
+
+class DirTree(FileTree):
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        names = []
+        for dirpath, dirnames, filenames in os.walk(path):
+            dirnames.sort()
+            rel = Path(dirpath).relative_to(path).as_posix()
+            for f in sorted(filenames):
+                names.append(f if rel == "." else f"{rel}/{f}")
+        self.names = names
+
+    def where(self, name: str) -> str:
+        return str(self.path / name)
+
+    def read_many(self, wanted: Iterable[str]) -> Iterator[tuple[str, bytes]]:
+        for name in wanted:
+            try:
+                yield name, (self.path / name).read_bytes()
+            except OSError as e:
+                raise DatasetError(f"{self.where(name)}: cannot read ({e})") from e
+
+
+class ZipTree(FileTree):
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._zip = ZipReader(path)
+        self.names = sorted(self._zip.names)
+
+    def where(self, name: str) -> str:
+        return f"{self.path} (member {name!r})"
+
+    def read_many(self, wanted: Iterable[str]) -> Iterator[tuple[str, bytes]]:
+        for name in wanted:
+            yield name, self._zip.read(name)
+
+
+class TarTree(FileTree):
+    """A tar read in streaming passes; small archives are kept in memory after the listing pass.
+
+    Listing a ``.tar.gz`` means decompressing all of it, so the listing pass
+    also keeps the members' bytes while they fit in ``keep_bytes``: a
+    ``max_items`` subset (or a whole CIFAR-sized archive) is then decoded
+    without a second pass. Bigger archives fall back to one more pass.
+    """
+
+    def __init__(self, path: Path, keep_bytes: int = 512 << 20) -> None:
+        self.path = path
+        names: list[str] = []
+        kept: dict[str, bytes] | None = {}
+        total = 0
+        for name, size, f in iter_tar_files(path):
+            names.append(name)
+            if kept is not None and is_image_name(name):
+                total += size
+                if total > keep_bytes:
+                    kept = None  # too big: read again in read_many
+                else:
+                    kept[name] = read_exact(f, size, path, name)
+        self.names = sorted(names)
+        self._kept = kept
+
+    def where(self, name: str) -> str:
+        return f"{self.path} (member {name!r})"
+
+    def read_many(self, wanted: Iterable[str]) -> Iterator[tuple[str, bytes]]:
+        wanted = set(wanted)
+        if self._kept is not None and wanted <= self._kept.keys():
+            for name in sorted(wanted):
+                yield name, self._kept[name]
+            return
+        seen = 0
+        for name, data in iter_tar(self.path, want=wanted.__contains__):
+            seen += 1
+            yield name, data
+        if seen != len(wanted):
+            raise DatasetError(f"{self.path}: {len(wanted) - seen} listed members vanished on the second pass")
+
+
+def open_tree(path: Path) -> FileTree:
+    """A folder, or a tar/zip archive by its file name."""
+    if path.is_dir():
+        return DirTree(path)
+    if path.is_file() and is_zip_name(path):
+        return ZipTree(path)
+    if path.is_file() and is_tar_name(path):
+        return TarTree(path)
+    if path.exists():
+        raise DatasetError(f"{path}: not a folder, .zip, .tar, .tar.gz or .tgz")
+    raise DatasetNotFoundError(f"{path}: no such folder or archive")
+
+
+# ----------------------------------------------------------------------------- layout
+
+
+def resolve_layout(names: Sequence[str], split: str, where: str) -> tuple[list[tuple[str, str]], list[str]]:
+    """Pick the images of ``split``: returns ``[(name, class_name)]`` and the sorted class list."""
+    names = [n for n in names if is_image_name(n)]
+    if not names:
+        raise DatasetNotFoundError(f"{where}: no image files ({', '.join(IMAGE_EXTENSIONS)}) found")
+    parts = [n.split("/") for n in names]
+    # Strip wrapper folders: one shared top folder above <split>/<class>/<image>,
+    # or above <class>/<image> unless that folder is the split asked for.
+    while len({p[0] for p in parts}) == 1:
+        depths = {len(p) for p in parts}
+        if min(depths) > 3 or (depths == {3} and parts[0][0] != split):
+            parts = [p[1:] for p in parts]
+        else:
+            break
+    depths = sorted({len(p) for p in parts})
+    if len(depths) > 1:
+        a = next(n for n, p in zip(names, parts) if len(p) == depths[0])
+        b = next(n for n, p in zip(names, parts) if len(p) == depths[-1])
+        raise DatasetError(
+            f"{where}: images at different folder depths, e.g. {a!r} and {b!r}; "
+            "expected <class>/<image> or <split>/<class>/<image>"
+        )
+    depth = depths[0]
+    if depth == 3:
+        splits = sorted({p[0] for p in parts})
+        if split not in splits:
+            raise DatasetError(f"{where}: unknown split {split!r}; splits found: {', '.join(splits)}")
+        classes = sorted({p[1] for p in parts})
+        items = [(n, p[1]) for n, p in zip(names, parts) if p[0] == split]
+    elif depth == 2:
+        if split != "all":
+            raise DatasetError(
+                f"{where}: images are in <class>/<image> folders without split folders; "
+                f"the only split is 'all', not {split!r}"
+            )
+        classes = sorted({p[0] for p in parts})
+        items = [(n, p[0]) for n, p in zip(names, parts)]
+    else:
+        raise DatasetError(
+            f"{where}: images must sit in <class>/ folders (optionally under <split>/), found {names[0]!r}"
+        )
+    return sorted(items), classes
+
+
+class TreeSource(Source):
+    """The images of one split of a `FileTree`, decoded on demand."""
+
+    def __init__(
+        self,
+        tree: FileTree,
+        names: Sequence[str],
+        labels: Sequence[int] | np.ndarray,
+        classes: Sequence[str],
+        *,
+        resize: tuple[int, int] | None = None,
+        expect_size: tuple[int, int] | None = None,
+    ) -> None:
+        self.tree = tree
+        self.names = list(names)
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.classes = list(classes)
+        self.resize = resize
+        self.expect_size = expect_size
+
+    def decode(self, indices: np.ndarray, alloc: Allocator) -> np.ndarray:
+        position = {self.names[i]: k for k, i in enumerate(indices)}
+        out: np.ndarray | None = None
+        first = ""
+        filled = 0
+        for name, data in self.tree.read_many(position):
+            img = decode_image(data, self.tree.where(name), self.resize)
+            if out is None:
+                first = name
+                h, w = img.shape[:2]
+                if self.expect_size is not None and (h, w) != self.expect_size:
+                    eh, ew = self.expect_size
+                    raise DatasetError(f"{self.tree.where(name)}: image is {h}x{w}, expected {eh}x{ew}")
+                out = alloc((len(position), h, w, 3))
+            elif img.shape != out.shape[1:]:
+                raise DatasetError(
+                    f"{self.tree.where(name)}: image is {img.shape[0]}x{img.shape[1]}, but "
+                    f"{first} is {out.shape[1]}x{out.shape[2]}; all images must have one size "
+                    "(pass resize=S to resize them all)"
+                )
+            out[position[name]] = img
+            filled += 1
+        if out is None or filled != len(position):
+            raise DatasetError(f"{self.tree.path}: expected {len(position)} images, read {filled}")
+        return out
+
+
+def tree_plan(
+    tree_path: Path,
+    split: str,
+    *,
+    resize: tuple[int, int] | None = None,
+    expect_classes: Sequence[str] | None = None,
+    expect_size: tuple[int, int] | None = None,
+    dataset: str = "imagefolder",
+) -> Plan:
+    """A `Plan` for one split of an image-folder tree in a folder or archive.
+
+    A folder is listed now (its files key the cache); an archive is keyed by
+    its own stat and listed only if the cache misses.
+    """
+    is_dir = tree_path.is_dir()
+    dir_tree = DirTree(tree_path) if is_dir else None
+
+    def build() -> Source:
+        tree = dir_tree if dir_tree is not None else open_tree(tree_path)
+        items, classes = resolve_layout(tree.names, split, str(tree_path))
+        if expect_classes is not None and classes != list(expect_classes):
+            raise DatasetError(
+                f"{tree_path}: class folders {classes} are not the {dataset} classes {list(expect_classes)}"
+            )
+        index = {c: i for i, c in enumerate(classes)}
+        return TreeSource(
+            tree,
+            [n for n, _ in items],
+            [index[c] for _, c in items],
+            classes,
+            resize=resize,
+            expect_size=expect_size,
+        )
+
+    if dir_tree is not None:
+        files = [tree_path / n for n in dir_tree.names if is_image_name(n)]
+        if not files:
+            raise DatasetNotFoundError(f"{tree_path}: no image files ({', '.join(IMAGE_EXTENSIONS)}) found")
+    else:
+        files = [tree_path]
+    return Plan(files=files, where=str(tree_path), build=build)
+
+
+class ImageFolderLoader(DatasetLoader):
+    """``imagefolder``: your own images; the split names come from the folders (or ``all``)."""
+
+    spec = DatasetSpec(
+        name="imagefolder",
+        image_size=None,
+        channels=3,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        num_classes=None,
+        pretrain_split="train",
+        probe_train_split="train",
+        test_split="test",
+        crop_scale=(0.08, 1.0),
+        splits=(),  # from the data
+    )
+    options = ("resize",)
+
+    def plan(self, root: Path | None, split: str, *, download: bool, resize: Any = None) -> Plan:
+        if download:
+            raise DatasetError("imagefolder: there is nothing to download; point root at your images")
+        root = require_root(root, "imagefolder")
+        if not root.exists():
+            raise DatasetNotFoundError(
+                f"imagefolder: {root} does not exist; expected a folder or .tar/.tar.gz/.tgz/.zip archive "
+                "with <class>/<image> or <split>/<class>/<image> inside"
+            )
+        if root.is_file() and not (is_tar_name(root) or is_zip_name(root)):
+            raise DatasetError(f"{root}: not a folder, .zip, .tar, .tar.gz or .tgz")
+        return tree_plan(root, split, resize=parse_size(resize))
+
+
+DATASETS.register("imagefolder")(ImageFolderLoader())

@@ -1,0 +1,87 @@
+"""README tables generated from result files (STYLE principle 10).
+
+``localssl report RUNS_DIR`` reads every run folder below RUNS_DIR (its
+``config.yaml``, ``summary.json``, ``probe.json`` and
+``probe-random-init.json``) and prints one Markdown table, so the numbers in
+the README are never typed by hand.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+COLUMNS = [
+    ("paper", "linear, paper protocol"),
+    ("fast_all", "linear, all layers (fast)"),
+    ("fast_last", "linear, last layer (fast)"),
+    ("knn_last", "kNN, last layer"),
+]
+
+
+def _acc(probe: dict[str, Any], key: str) -> str:
+    v = probe.get(key)
+    return f"{100 * v['test_acc']:.2f}" if isinstance(v, dict) and "test_acc" in v else "-"
+
+
+def collect(runs_dir: str | Path) -> list[dict[str, Any]]:
+    rows = []
+    for cfg_path in sorted(Path(runs_dir).glob("*/config.yaml")):
+        run = cfg_path.parent
+        cfg = yaml.safe_load(cfg_path.read_text())
+        summary = json.loads((run / "summary.json").read_text()) if (run / "summary.json").exists() else {}
+        for name, label in (("probe.json", cfg["rule"]), ("probe-random-init.json", "random-init")):
+            if (run / name).exists():
+                rows.append({"label": label, "run": run, "cfg": cfg, "summary": summary if name == "probe.json"
+                             else {}, "probe": json.loads((run / name).read_text())})
+    return rows
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    head = ["encoder / rule", *[c for _, c in COLUMNS], "pre-training", "train img/s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cfg, s, p = r["cfg"], r["summary"], r["probe"]
+        if r["label"] == "random-init":
+            budget, ips = "none", "-"
+        else:
+            n = cfg.get("subset") or "all"
+            budget = f"{s.get('steps', '?')} steps x {cfg['batch_size']} ({n} images)"
+            ips = f"{s['images_per_s']:.0f}" if "images_per_s" in s else "-"
+        lines.append("| " + " | ".join([r["label"], *[_acc(p, k) for k, _ in COLUMNS], budget, ips]) + " |")
+    return "\n".join(lines)
+
+
+def describe(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return ""
+    r0 = rows[0]
+    cfg, p = r0["cfg"], r0["probe"]
+    pc = p.get("probe_config", {})
+    env = p.get("env", {})
+    return (
+        f"{cfg['dataset']}, {cfg['encoder']} width {cfg['width']}, batch {cfg['batch_size']}, lr {cfg['lr']}, "
+        f"seed {cfg['seed']}; probes on {p.get('num_train')} train / {p.get('num_test')} test images "
+        f"(fast: {pc.get('epochs_fast')} epochs on frozen features; paper: {pc.get('epochs_paper')} epochs with "
+        f"crop+flip; kNN k={pc.get('knn_k')}, T={pc.get('knn_t')}). Hardware: {env.get('cpu')}, "
+        f"{env.get('torch_threads')} threads, torch {env.get('torch')}."
+    )
+
+
+def add_report_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("report", help="Markdown table of every run (and its probes) under a folder")
+    p.add_argument("runs_dir")
+    p.set_defaults(func=report_main)
+
+
+def report_main(args: argparse.Namespace) -> int:
+    rows = collect(args.runs_dir)
+    if not rows:
+        raise FileNotFoundError(f"no probed runs under {args.runs_dir} (run `localssl probe` first)")
+    print(markdown_table(rows))
+    print()
+    print(describe(rows))
+    return 0
