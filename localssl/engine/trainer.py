@@ -126,6 +126,7 @@ class _Batches:
         self.batch_size = batch_size
         self.seed = seed
         self.device = device
+        self._perm: tuple[int, torch.Tensor] | None = None
         # Small data sets live on the device as uint8 (airbench); large ones
         # stay memory-mapped and are gathered per batch.
         if images.nbytes <= 4 * 2**30:
@@ -138,10 +139,14 @@ class _Batches:
     def steps_per_epoch(self) -> int:
         return self.n // self.batch_size
 
+    def permutation(self, epoch: int) -> torch.Tensor:
+        if self._perm is None or self._perm[0] != epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perm = (epoch, torch.randperm(self.n, generator=g))
+        return self._perm[1]
+
     def batch(self, epoch: int, i: int) -> torch.Tensor:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        perm = torch.randperm(self.n, generator=g)
-        idx = perm[i * self.batch_size : (i + 1) * self.batch_size]
+        idx = self.permutation(epoch)[i * self.batch_size : (i + 1) * self.batch_size]
         if self.images is not None:
             return self.images[idx.to(self.device)]
         idx_sorted = np.sort(idx.numpy())  # sorted reads are much faster on a memmap
