@@ -137,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     from localssl.theory.align import add_align_parser
 
     add_align_parser(sub)
+    from localssl.reports.tables import add_report_parser
+
+    add_report_parser(sub)
     return parser
 
 

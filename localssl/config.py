@@ -36,7 +36,7 @@ class TrainConfig:
     dataset: str = "shapes10"
     data_dir: str | None = None
     download: bool = False
-    subset: int | None = None
+    subset: int | None = None  # pre-train on a fixed class-balanced subset of this many images
     crop_scale: list[float] | None = None
     # rule options (METHODS 2)
     f: str = "hinge"

@@ -7,7 +7,7 @@ and steps its own optimizer; its autograd graph is freed before the next
 group starts. Peak activation memory is therefore one group's, not the whole
 network's. (Summing all local losses and calling backward once, as the
 reference code does, gives the same gradients but keeps every layer's graph
-alive; ``tests/test_trainer.py`` checks that both give equal updates.)
+alive; ``tests/test_rules.py`` checks that both give equal updates.)
 
 Optimisers are per group: AdamW is element-wise, so a per-group AdamW is the
 same update as one AdamW over all parameters (METHODS 2.4: lr 2e-4, wd 0).
@@ -105,12 +105,11 @@ def train_step(
 
 def _load_images(cfg: TrainConfig):
     spec = dataset_spec(cfg.dataset)
-    data = load_dataset(cfg.dataset, cfg.data_dir, spec.pretrain_split, download=cfg.download)
+    # max_items decodes only the (class-balanced, fixed) subset on a first load.
+    data = load_dataset(cfg.dataset, cfg.data_dir, spec.pretrain_split, download=cfg.download, max_items=cfg.subset)
     if spec.image_size is None:  # imagefolder: size and classes come from the files
         spec = spec.resolved(data)
         check_shapes(cfg, spec.image_size, spec.channels)
-    if cfg.subset is not None and cfg.subset < len(data):
-        data = data.subset(cfg.subset, seed=cfg.seed)
     return spec, data
 
 

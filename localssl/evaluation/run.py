@@ -39,12 +39,10 @@ def probe_run(cfg: ProbeConfig) -> tuple[dict[str, Any], Path]:
     dataset = cfg.dataset or tcfg.dataset
     data_dir = cfg.data_dir or tcfg.data_dir
     spec = dataset_spec(dataset)
-    train = load_dataset(dataset, data_dir, spec.probe_train_split)
-    test = load_dataset(dataset, data_dir, spec.test_split)
-    if cfg.train_subset is not None and cfg.train_subset < len(train):
-        train = train.subset(cfg.train_subset, seed=cfg.seed)
-    if cfg.test_subset is not None and cfg.test_subset < len(test):
-        test = test.subset(cfg.test_subset, seed=cfg.seed)
+    # Subsets are class-balanced and fixed (independent of the seed), so every
+    # rule is probed on the same images.
+    train = load_dataset(dataset, data_dir, spec.probe_train_split, max_items=cfg.train_subset)
+    test = load_dataset(dataset, data_dir, spec.test_split, max_items=cfg.test_subset)
     amp_dtype = resolve_amp(cfg.amp, device)
     result = run_probe(
         encoder.to(device), train, test, mean=spec.mean, std=spec.std,

@@ -1,1 +1,1 @@
-"""The demo, the benchmark, plots and README tables."""
+"""Reports: the demo, the benchmark (``bench``), plots and README tables."""

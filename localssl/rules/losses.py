@@ -98,8 +98,11 @@ def info_nce(p1: torch.Tensor, p2: torch.Tensor, temperature: float = 0.1) -> to
     loss is symmetrised over the two directions (view 1 -> 2 and 2 -> 1)
     *(inferred)*: METHODS names only the B x B matrix.
     """
-    p1 = F.normalize(p1.float(), dim=1)
-    p2 = F.normalize(p2.float(), dim=1)
+    # bf16 logits / T would lose the ranking precision the softmax needs.
+    if p1.dtype in (torch.float16, torch.bfloat16):
+        p1, p2 = p1.float(), p2.float()
+    p1 = F.normalize(p1, dim=1)
+    p2 = F.normalize(p2, dim=1)
     logits = p1 @ p2.t() / temperature
     target = torch.arange(p1.shape[0], device=p1.device)
     return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))

@@ -1,0 +1,238 @@
+"""Contract tests of the pure loss functions (``localssl.rules.losses``, METHODS 2, 2.2, 2.3).
+
+Every test states an exact property the code must have, so each one fails on
+a plausible bug: a wrong sign or a missing factor in an f, the negative taken
+from the wrong row, views swapped the wrong way, a pooling kernel that does
+not match the grid, an InfoNCE that normalises or symmetrises differently.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from localssl.rules import CONTRASTIVE_F, contrastive_loss, info_nce, scores, spatial_pool, swap_views
+
+
+def _gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+# --------------------------------------------------------------------------- f
+
+
+@pytest.mark.parametrize("name", CONTRASTIVE_F.names())
+def test_f_is_decreasing_in_u_pos_and_increasing_in_u_neg(name):
+    """METHODS 2: f is decreasing in the positive score and increasing in the negative one."""
+    f = CONTRASTIVE_F.get(name)
+    g = _gen(1)
+    # Scores over a range that covers both sides of the hinge kinks (+-1).
+    u_pos = (torch.rand(4000, generator=g, dtype=torch.float64) * 8 - 4).requires_grad_()
+    u_neg = (torch.rand(4000, generator=g, dtype=torch.float64) * 8 - 4).requires_grad_()
+    loss = f(u_pos, u_neg)
+    assert loss.shape == u_pos.shape, "f must be per-sample (the batch mean is taken by contrastive_loss)"
+    d_pos, d_neg = torch.autograd.grad(loss.sum(), (u_pos, u_neg))
+    assert (d_pos <= 0).all(), f"{name}: df/du_pos > 0 somewhere"
+    assert (d_neg >= 0).all(), f"{name}: df/du_neg < 0 somewhere"
+    # ... and not constant: it really pushes both scores somewhere in the range.
+    assert (d_pos < 0).any() and (d_neg > 0).any()
+
+    # Finite differences (no autograd): the same monotonicity on the values.
+    with torch.no_grad():
+        base = f(u_pos, u_neg)
+        step = 0.05
+        assert (f(u_pos + step, u_neg) <= base + 1e-12).all()
+        assert (f(u_pos, u_neg + step) >= base - 1e-12).all()
+        assert (f(u_pos + step, u_neg) < base).any() and (f(u_pos, u_neg + step) > base).any()
+
+
+def test_f_values_match_methods():
+    """The formulas of METHODS 2, at hand-picked points."""
+    up = torch.tensor([-2.0, 0.0, 0.5, 1.0, 3.0], dtype=torch.float64)
+    un = torch.tensor([-3.0, -1.0, -0.5, 0.0, 2.0], dtype=torch.float64)
+    relu, sp = torch.relu, F.softplus
+    expected = {
+        "hinge": relu(1 - up) + relu(1 + un),
+        "softplus": sp(1 - up) + sp(1 + un),
+        "logistic": sp(1 - up) + sp(1 + un),
+        "linear": un - up,
+        "type1": sp(un - up),
+    }
+    assert set(expected) == set(CONTRASTIVE_F.names()), "a new f needs its formula here"
+    for name, want in expected.items():
+        torch.testing.assert_close(CONTRASTIVE_F.get(name)(up, un), want, rtol=0, atol=1e-15)
+    # Hinge: exactly zero once the positive is above 1 and the negative below -1.
+    assert CONTRASTIVE_F.get("hinge")(torch.tensor([1.5]), torch.tensor([-1.5])).item() == 0.0
+
+
+def test_unknown_f_lists_valid_names():
+    z = torch.randn(4, 3)
+    with pytest.raises(KeyError) as e:
+        contrastive_loss(z, z, "hingee")
+    for name in CONTRASTIVE_F.names():
+        assert name in str(e.value)
+
+
+@pytest.mark.parametrize("name", ["linear", "type1", "hinge"])
+def test_loss_is_blind_to_a_common_shift_of_z(name):
+    """u_pos - u_neg = (z_m - z_{m+1}) . B c_m does not see z -> z + v (same context for both).
+
+    So linear and type-1 losses are exactly shift invariant, and so is the hinge
+    while every term is active; hence sum_m dL/dz_m = 0 there (the reason a bias
+    under global pooling can get exactly zero gradient).
+    """
+    g = _gen(6)
+    z = (0.01 * torch.randn(8, 5, generator=g, dtype=torch.float64)).requires_grad_()
+    bc = 0.01 * torch.randn(8, 5, generator=g, dtype=torch.float64)  # small scores: all hinge terms active
+    v = torch.randn(5, generator=g, dtype=torch.float64) * 0.01
+    torch.testing.assert_close(contrastive_loss(z + v, bc, name), contrastive_loss(z, bc, name), rtol=1e-12, atol=1e-14)
+    (dz,) = torch.autograd.grad(contrastive_loss(z, bc, name), (z,))
+    torch.testing.assert_close(dz.sum(0), torch.zeros(5, dtype=torch.float64), rtol=0, atol=1e-15)
+    # softplus has row-dependent gammas: no such invariance.
+    (dz_sp,) = torch.autograd.grad(contrastive_loss(z, bc, "softplus"), (z,))
+    assert dz_sp.sum(0).abs().max() > 1e-7
+
+
+# ----------------------------------------------------------------- scores, views
+
+
+@pytest.mark.parametrize("n_img", [2, 3, 5])
+def test_scores_negative_is_next_row(n_img):
+    """u_pos_i = z_i . bc_i and u_neg_i = z_{(i+1) mod 2B} . bc_i, exactly."""
+    n = 2 * n_img
+    g = _gen(2)
+    z = torch.randn(n, 7, generator=g, dtype=torch.float64)
+    bc = torch.randn(n, 7, generator=g, dtype=torch.float64)
+    u_pos, u_neg = scores(z, bc)
+    for i in range(n):
+        assert u_pos[i].item() == pytest.approx(float(sum(z[i, d] * bc[i, d] for d in range(7))), rel=1e-13)
+        j = (i + 1) % n
+        assert u_neg[i].item() == pytest.approx(float(sum(z[j, d] * bc[i, d] for d in range(7))), rel=1e-13)
+    # Exact structural check: a one-hot z picks out which row a score reads.
+    eye = torch.eye(n, dtype=torch.float64)
+    _, u_neg_eye = scores(eye, eye)  # u_neg_i = e_{i+1} . e_i = 0
+    assert (u_neg_eye == 0).all()
+    _, u_neg_shift = scores(eye, torch.roll(eye, -1, dims=0))  # bc_i = e_{i+1}
+    assert (u_neg_shift == 1).all()
+
+
+@pytest.mark.parametrize("n_img", [2, 3, 8])
+def test_negative_is_always_another_image(n_img):
+    """For B >= 2, row (i+1) mod 2B is neither row i nor the other view i +- B of the same image."""
+    n = 2 * n_img
+    image_of = torch.arange(n) % n_img
+    neg = (torch.arange(n) + 1) % n
+    assert (image_of[neg] != image_of).all()
+
+
+def test_swap_views_swaps_halves():
+    x = torch.arange(12.0).reshape(6, 2)
+    s = swap_views(x)
+    assert torch.equal(s[:3], x[3:]) and torch.equal(s[3:], x[:3])
+    assert torch.equal(swap_views(s), x)
+    # Row i of view 1 <-> row i of view 2, for 4-D maps too.
+    m = torch.randn(8, 2, 3, 3)
+    assert torch.equal(swap_views(m)[1], m[5]) and torch.equal(swap_views(m)[5], m[1])
+    with pytest.raises(ValueError):
+        swap_views(torch.zeros(5, 2))
+
+
+def test_contrastive_loss_is_batch_mean_of_f():
+    g = _gen(3)
+    z = torch.randn(6, 5, generator=g, dtype=torch.float64)
+    bc = torch.randn(6, 5, generator=g, dtype=torch.float64)
+    for name in CONTRASTIVE_F.names():
+        up = torch.stack([z[i] @ bc[i] for i in range(6)])
+        un = torch.stack([z[(i + 1) % 6] @ bc[i] for i in range(6)])
+        want = CONTRASTIVE_F.get(name)(up, un).mean()
+        torch.testing.assert_close(contrastive_loss(z, bc, name), want, rtol=1e-13, atol=0)
+
+
+# ------------------------------------------------------------------- pooling
+
+
+def test_spatial_pool_full_grid_is_flatten():
+    h = torch.randn(4, 3, 6, 6)
+    assert torch.equal(spatial_pool(h, 6), h.flatten(1))
+
+
+def test_spatial_pool_grid_one_is_global_mean():
+    h = torch.randn(4, 3, 6, 6, dtype=torch.float64)
+    torch.testing.assert_close(spatial_pool(h, 1), h.mean(dim=(2, 3)), rtol=1e-14, atol=1e-15)
+
+
+@pytest.mark.parametrize("grid", [2, 3])
+def test_spatial_pool_is_block_mean_channel_major(grid):
+    """grid g on an HxW map: kernel = stride = H/g, flattened as (channel, row, col)."""
+    n, c, s = 2, 3, 6
+    k = s // grid
+    h = torch.randn(n, c, s, s, dtype=torch.float64)
+    want = h.reshape(n, c, grid, k, grid, k).mean(dim=(3, 5)).reshape(n, c * grid * grid)
+    torch.testing.assert_close(spatial_pool(h, grid), want, rtol=1e-14, atol=1e-15)
+    # One explicit cell: channel 1, cell (row 1, col 0).
+    cell = h[0, 1, k : 2 * k, 0:k].mean()
+    assert spatial_pool(h, grid)[0, 1 * grid * grid + 1 * grid + 0].item() == pytest.approx(cell.item(), rel=1e-13)
+
+
+def test_spatial_pool_rejects_grid_that_does_not_divide():
+    with pytest.raises(ValueError, match="does not divide"):
+        spatial_pool(torch.zeros(2, 3, 6, 6), 4)
+    with pytest.raises(ValueError):
+        spatial_pool(torch.zeros(2, 3, 8, 6), 4)  # divides H but not W
+
+
+def test_spatial_pool_passes_vectors_through():
+    v = torch.randn(4, 9)
+    assert spatial_pool(v, 1) is v
+
+
+# ------------------------------------------------------------------- InfoNCE
+
+
+def _info_nce_by_hand(p1: torch.Tensor, p2: torch.Tensor, t: float) -> torch.Tensor:
+    n1 = p1 / p1.norm(dim=1, keepdim=True)
+    n2 = p2 / p2.norm(dim=1, keepdim=True)
+    logits = n1 @ n2.T / t
+    target = torch.arange(p1.shape[0])
+    # Symmetrised, as the docstring of info_nce documents.
+    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+
+
+def _info_nce_loop(p1: torch.Tensor, p2: torch.Tensor, t: float) -> float:
+    """-log softmax, with Python floats and the math module only."""
+    b, d = p1.shape
+    a = [[float(v) for v in row] for row in p1]
+    c = [[float(v) for v in row] for row in p2]
+
+    def cos(x, y):
+        dot = sum(x[k] * y[k] for k in range(d))
+        return dot / (math.sqrt(sum(v * v for v in x)) * math.sqrt(sum(v * v for v in y)))
+
+    sim = [[cos(a[i], c[j]) / t for j in range(b)] for i in range(b)]
+    l12 = sum(-math.log(math.exp(sim[i][i]) / sum(math.exp(sim[i][j]) for j in range(b))) for i in range(b)) / b
+    l21 = sum(-math.log(math.exp(sim[j][j]) / sum(math.exp(sim[i][j]) for i in range(b))) for j in range(b)) / b
+    return 0.5 * (l12 + l21)
+
+
+@pytest.mark.parametrize("t", [0.1, 0.5])
+def test_info_nce_matches_cross_entropy_and_loop(t):
+    g = _gen(4)
+    p1 = torch.randn(5, 6, generator=g) * 3
+    p2 = p1 + 0.5 * torch.randn(5, 6, generator=g)
+    got = info_nce(p1, p2, t)
+    torch.testing.assert_close(got, _info_nce_by_hand(p1, p2, t), rtol=1e-5, atol=1e-6)
+    assert got.item() == pytest.approx(_info_nce_loop(p1, p2, t), rel=1e-5)
+
+
+def test_info_nce_is_scale_invariant_and_asymmetric_targets():
+    """Cosine similarity: rescaling a row changes nothing; permuting view 2 changes the loss."""
+    g = _gen(5)
+    p1, p2 = torch.randn(4, 8, generator=g), torch.randn(4, 8, generator=g)
+    scale = torch.rand(4, 1, generator=g) * 10 + 0.1
+    torch.testing.assert_close(info_nce(p1 * scale, p2, 0.1), info_nce(p1, p2, 0.1), rtol=1e-5, atol=1e-6)
+    # Perfectly aligned views with a low temperature: loss near its minimum 0.
+    q = torch.eye(4, 8) * 5
+    assert info_nce(q, q, 0.05).item() < 1e-6
+    assert info_nce(q, q[[1, 2, 3, 0]], 0.05).item() > 10

@@ -1,0 +1,687 @@
+"""Contract tests of the learning rules (``localssl.rules``) and of ``train_step``.
+
+Registry-wide (timm / solo-learn style): every test marked ``RULE_NAMES`` runs
+on every rule in ``RULES``, on two tiny encoders:
+
+- ``vgg``: VGG-6 at width 1/32 (4..32 channels) on 16 px, grids 8-4-2-2-2-1,
+  which exercises pooling kernels > 1, grid == map size (flatten) and global
+  pooling;
+- ``tail``: a 3-block net cut from one ``nn.Sequential`` at 8 px whose last
+  block is ``Flatten + Linear`` (1-D features).
+
+What is checked (METHODS 2, docs/architecture.md "Rules"):
+(a) gradient routing: block k's parameters (and the rule's parameters of
+    group k) get gradient from loss k and from no other loss; BP rules reach
+    every encoder parameter; per-group backward == the reference code's
+    "sum all local losses, one backward" (gradients and AdamW updates); BP is
+    the same machinery with one group and nothing detached; one step changes
+    every trainable parameter and keeps frozen ones; the loss goes down.
+(b) autograd == the explicit three-factor rule of METHODS 2 for one layer
+    (linear and conv via unfold, pooling kernel 1, k > 1, global), for every f.
+(c) BP-InfoNCE == cross-entropy on hand-made cosine logits == a Python loop.
+"""
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from localssl.engine.trainer import NonFiniteLossError, build_optimizers, train_step
+from localssl.models import build_encoder, split_into_blocks
+from localssl.rules import (
+    BP_COUNTERPART,
+    CONTRASTIVE_F,
+    FEEDBACK_KINDS,
+    RULES,
+    SPATIAL_RULES,
+    Feedback,
+    RuleOptions,
+    build_rule,
+    contrastive_loss,
+    spatial_pool,
+    swap_views,
+)
+
+RULE_NAMES = RULES.names()
+LOCAL_RULES = [n for n in RULE_NAMES if build_rule(n, [(4,)], RuleOptions(grids=[1])).local]
+BP_RULES = [n for n in RULE_NAMES if n not in LOCAL_RULES]
+# Rules whose loss has a feedback matrix B (every rule but InfoNCE).
+FEEDBACK_RULES = [n for n in RULE_NAMES if n != "bp-infonce"]
+N_IMAGES = 4  # B images -> 2B = 8 stacked views
+
+
+# ------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These tensors are tiny: intra-op threads only add overhead, and on a shared
+    2-core machine they made this file ~8x slower (73 s against 9 s)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _vgg():
+    enc = build_encoder("vgg6", width=1 / 32, in_channels=3)  # 4, 8, 8, 16, 32, 32 channels
+    # 16 px -> maps 16, 8, 8, 4, 2, 1: kernels 2, 2, 4, 2, 1 (flatten), 1 (global).
+    return enc, (3, 16, 16), [8, 4, 2, 2, 2, 1]
+
+
+def _tail():
+    seq = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(4, 6, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(6 * 4 * 4, 10), nn.ReLU(),
+    )
+    return split_into_blocks(seq, [2, 5], name="tail"), (1, 8, 8), [4, 2, 1]
+
+
+CASES = {"vgg": _vgg, "tail": _tail}
+
+
+def make_views(in_shape, seed: int = 0, n: int = N_IMAGES, dtype=torch.float32) -> torch.Tensor:
+    """Two noisy views of the same n random images, stacked [view 1; view 2]."""
+    g = torch.Generator().manual_seed(1000 + seed)
+    base = torch.randn(n, *in_shape, generator=g, dtype=dtype)
+    v1 = base + 0.3 * torch.randn(base.shape, generator=g, dtype=dtype)
+    v2 = base + 0.3 * torch.randn(base.shape, generator=g, dtype=dtype)
+    return torch.cat([v1, v2])
+
+
+def setup(rule_name: str, case: str = "vgg", seed: int = 0, **opts):
+    torch.manual_seed(seed)
+    enc, in_shape, grids = CASES[case]()
+    shapes = enc.feature_shapes(in_shape)
+    options = RuleOptions(grids=grids if rule_name in SPATIAL_RULES else None, proj_dim=16, **opts)
+    rule = build_rule(rule_name, shapes, options)
+    return enc, rule, make_views(in_shape, seed)
+
+
+def named_trainable(enc: nn.Module, rule: nn.Module) -> dict[str, nn.Parameter]:
+    out = {f"enc.{n}": p for n, p in enc.named_parameters() if p.requires_grad}
+    out.update({f"rule.{n}": p for n, p in rule.named_parameters() if p.requires_grad})
+    return out
+
+
+def names_of(params, named: dict[str, nn.Parameter]) -> set[str]:
+    ids = {id(p) for p in params}
+    return {n for n, p in named.items() if id(p) in ids}
+
+
+def zero_grads(named: dict[str, nn.Parameter]) -> None:
+    for p in named.values():
+        p.grad = None
+
+
+def with_grad(named: dict[str, nn.Parameter]) -> set[str]:
+    return {n for n, p in named.items() if p.grad is not None and bool((p.grad != 0).any())}
+
+
+def paper_backward(enc, rule, views) -> list[torch.Tensor]:
+    """The reference code's way: every block input detached, sum of all losses, one backward."""
+    top = None
+    if rule.needs_top_context:
+        with torch.no_grad():
+            top = enc(views)[-1]
+    losses, h = [], views
+    for g, blocks in enumerate(rule.groups()):
+        out = enc.run_blocks(h.detach(), blocks)
+        losses.append(rule.loss(g, out, top))
+        h = out
+    torch.stack(losses).sum().backward()
+    return [loss.detach() for loss in losses]
+
+
+# --------------------------------------------------------- registry contracts
+
+
+def test_registry_names_and_counterparts():
+    assert {"clapp++", "clapp++global", "clapp++dfb", "clapp++both", "bp-clapp++", "bp-infonce"} <= set(RULE_NAMES)
+    assert SPATIAL_RULES <= set(RULE_NAMES)
+    assert set(BP_RULES) >= {"bp-clapp++", "bp-infonce"} and set(LOCAL_RULES) >= set(BP_COUNTERPART)
+    for local, bp in BP_COUNTERPART.items():
+        assert local in LOCAL_RULES and bp in BP_RULES
+
+
+def test_unknown_rule_name_lists_valid_names():
+    with pytest.raises(KeyError) as e:
+        build_rule("clap++", [(4, 8, 8)], RuleOptions(grids=[1]))
+    for name in RULE_NAMES:
+        assert name in str(e.value)
+
+
+@pytest.mark.parametrize("name", RULE_NAMES)
+@pytest.mark.parametrize("case", CASES)
+def test_groups_partition_blocks(name, case):
+    """Local rules: [[0], [1], ...]; BP rules: one group [0..L-1] (same machinery, nothing cut)."""
+    enc, rule, _ = setup(name, case)
+    n = len(enc)
+    assert rule.num_blocks == n
+    if rule.local:
+        assert rule.groups() == [[k] for k in range(n)]
+    else:
+        assert rule.groups() == [list(range(n))]
+
+
+@pytest.mark.parametrize("name", RULE_NAMES)
+@pytest.mark.parametrize("case", CASES)
+def test_parameter_ownership(name, case):
+    """Every trainable parameter is in exactly one group's optimiser: nothing is left untrained or shared."""
+    enc, rule, _ = setup(name, case)
+    named = named_trainable(enc, rule)
+    owned = [names_of(rule.group_parameters(g), named) for g in range(len(rule.groups()))]
+    rule_params = {n for n in named if n.startswith("rule.")}
+    assert set().union(*owned) == rule_params
+    assert sum(len(o) for o in owned) == len(rule_params), "a rule parameter is owned by two groups"
+    assert all(p.requires_grad for g in range(len(rule.groups())) for p in rule.group_parameters(g))
+    opts = build_optimizers(enc, rule, lr=1e-3, weight_decay=0.0)
+    assert len(opts) == len(rule.groups())
+    in_opts = [id(p) for o in opts for grp in o.param_groups for p in grp["params"]]
+    assert len(in_opts) == len(set(in_opts)) == len(named)
+    assert set(in_opts) == {id(p) for p in named.values()}
+
+
+# ------------------------------------------------------ (a) gradient routing
+
+
+@pytest.mark.parametrize("name", RULE_NAMES)
+@pytest.mark.parametrize("case", CASES)
+def test_gradient_routing(name, case, monkeypatch):
+    """Loss k reaches block k's parameters and group k's rule parameters, and nothing else.
+
+    Each group's loss is isolated by running ``train_step`` with every other
+    group's loss multiplied by 0 (the same machinery, backward one group at a
+    time); the parameters that then hold a non-zero gradient are recorded.
+    """
+    enc, rule, views = setup(name, case)
+    named = named_trainable(enc, rule)
+    real_loss = rule.loss
+    groups = rule.groups()
+    for k, blocks in enumerate(groups):
+        def only_k(g, h, top=None, k=k):
+            return real_loss(g, h, top) * (1.0 if g == k else 0.0)
+
+        monkeypatch.setattr(rule, "loss", only_k)
+        zero_grads(named)
+        train_step(enc, rule, None, views)
+        got = with_grad(named)
+        want = names_of([p for b in blocks for p in enc.blocks[b].parameters()], named)
+        want |= names_of(rule.group_parameters(k), named)
+        assert got <= want, f"loss {k} leaks into {sorted(got - want)}"
+        # Every weight matrix and rule parameter of the group is reached. (A bias may
+        # legitimately get exactly 0: see test_bias_gradient_vanishes_when_all_hinge_terms_are_active.)
+        must = {n for n in want if n.startswith("rule.") or named[n].dim() > 1}
+        assert must <= got, f"loss {k} does not reach {sorted(must - got)}"
+        if not rule.local:
+            # End-to-end: the one loss reaches every encoder weight.
+            assert {n for n in named if n.startswith("enc.") and named[n].dim() > 1} <= got
+
+
+def test_routing_probe_sees_a_missing_detach():
+    """Negative control: without the cut, loss 2 would reach blocks 0 and 1 (so the probe above can fail)."""
+    enc, rule, views = setup("clapp++", "vgg")
+    named = named_trainable(enc, rule)
+    rule.loss(2, enc(views)[2]).backward()
+    got = with_grad(named)
+    assert {"enc.blocks.0.0.weight", "enc.blocks.1.0.weight", "enc.blocks.2.0.weight"} <= got
+    assert "enc.blocks.3.0.weight" not in got
+
+
+@pytest.mark.parametrize("name", LOCAL_RULES)
+def test_detached_input_reaches_no_previous_block(name):
+    """Group k run on the detached output of group k-1: block k-1 gets no gradient, block k does."""
+    enc, rule, views = setup(name, "vgg")
+    top = enc(views)[-1].detach() if rule.needs_top_context else None
+    outs = enc(views)
+    for k in range(1, len(enc)):
+        for p in enc.parameters():
+            p.grad = None
+        out = enc.run_blocks(outs[k - 1].detach(), [k])
+        rule.loss(k, out, top).backward(retain_graph=True)
+        assert all(p.grad is None for p in enc.blocks[k - 1].parameters())
+        assert all(p.grad is not None for p in enc.blocks[k].parameters())
+
+
+@pytest.mark.parametrize("name", LOCAL_RULES)
+@pytest.mark.parametrize("case", CASES)
+def test_per_group_backward_equals_summed_backward(name, case):
+    """train_step's per-group backward gives the reference code's gradients (sum of losses, one backward)."""
+    enc, rule, views = setup(name, case)
+    named = named_trainable(enc, rule)
+    zero_grads(named)
+    losses = train_step(enc, rule, None, views)
+    per_group = {n: p.grad.clone() for n, p in named.items() if p.grad is not None}
+    zero_grads(named)
+    paper_losses = paper_backward(enc, rule, views)
+    summed = {n: p.grad.clone() for n, p in named.items() if p.grad is not None}
+    assert per_group.keys() == summed.keys() == named.keys()
+    for n in named:
+        torch.testing.assert_close(per_group[n], summed[n], rtol=1e-5, atol=1e-7, msg=n)
+    torch.testing.assert_close(torch.stack(losses), torch.stack(paper_losses), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("name", LOCAL_RULES)
+def test_per_group_adamw_equals_one_adamw_on_summed_loss(name):
+    """Three steps of per-group AdamW (build_optimizers) == one AdamW over everything (float64)."""
+    enc, rule, views = setup(name, "tail", b_l2=1e-3)
+    enc, rule, views = enc.double(), rule.double(), views.double()
+    enc_b, rule_b = copy.deepcopy(enc), copy.deepcopy(rule)
+    opts = build_optimizers(enc, rule, lr=1e-2, weight_decay=1e-2)
+    named_b = named_trainable(enc_b, rule_b)
+    opt_b = torch.optim.AdamW(list(named_b.values()), lr=1e-2, weight_decay=1e-2)
+    for _ in range(3):
+        train_step(enc, rule, opts, views)
+        opt_b.zero_grad(set_to_none=True)
+        paper_backward(enc_b, rule_b, views)
+        opt_b.step()
+    named_a = named_trainable(enc, rule)
+    for n in named_a:
+        torch.testing.assert_close(named_a[n], named_b[n], rtol=1e-10, atol=1e-12, msg=n)
+
+
+@pytest.mark.parametrize("name", BP_RULES)
+@pytest.mark.parametrize("case", CASES)
+def test_bp_is_one_group_with_nothing_detached(name, case):
+    """End-to-end BP through train_step == loss on the plain forward, backprop through every block."""
+    enc, rule, views = setup(name, case)
+    named = named_trainable(enc, rule)
+    assert rule.groups() == [list(range(len(enc)))]
+    zero_grads(named)
+    train_step(enc, rule, None, views)
+    a = {n: p.grad.clone() for n, p in named.items()}
+    zero_grads(named)
+    rule.loss(0, enc(views)[-1]).backward()
+    for n, p in named.items():
+        torch.testing.assert_close(a[n], p.grad, rtol=1e-5, atol=1e-7, msg=n)
+
+
+@pytest.mark.parametrize("name", [n for n in RULE_NAMES if "dfb" in n or "both" in n])
+def test_top_context_is_the_no_grad_top_output(name, monkeypatch):
+    enc, rule, views = setup(name, "tail")
+    assert rule.needs_top_context
+    seen = []
+    real_loss = rule.loss
+
+    def spy(g, h, top=None):
+        seen.append(top)
+        return real_loss(g, h, top)
+
+    monkeypatch.setattr(rule, "loss", spy)
+    train_step(enc, rule, None, views)
+    want = enc(views)[-1].detach()
+    assert len(seen) == len(enc)
+    for top in seen:
+        assert top is not None and not top.requires_grad
+        torch.testing.assert_close(top, want, rtol=0, atol=0)
+
+
+# ------------------------------------------------------ (a) training smoke tests
+
+
+@pytest.mark.parametrize("name", RULE_NAMES)
+@pytest.mark.parametrize("case", CASES)
+def test_one_step_changes_every_trainable_parameter(name, case):
+    """One AdamW step: finite losses, every trainable parameter moves, frozen ones do not.
+
+    f = softplus: with the hinge at init every term is active and the loss is
+    then blind to a common shift of z, so a bias may get exactly zero gradient
+    (test_bias_gradient_vanishes_when_all_hinge_terms_are_active); the hinge
+    is covered by the weight-level test below.
+    """
+    enc, rule, views = setup(name, case, f="softplus")
+    named = named_trainable(enc, rule)
+    frozen = {n: p.detach().clone() for n, p in rule.named_parameters() if not p.requires_grad}
+    before = {n: p.detach().clone() for n, p in named.items()}
+    opts = build_optimizers(enc, rule, lr=1e-3, weight_decay=0.0)
+    losses = train_step(enc, rule, opts, views)
+    assert len(losses) == len(rule.groups())
+    assert all(torch.isfinite(v) and v.dim() == 0 and not v.requires_grad for v in losses)
+    for n, p in named.items():
+        assert torch.isfinite(p).all(), n
+        assert not torch.equal(p, before[n]), f"{n} did not change"
+    for n, p in rule.named_parameters():
+        if n in frozen:
+            assert torch.equal(p, frozen[n])
+
+
+@pytest.mark.parametrize("name", RULE_NAMES)
+@pytest.mark.parametrize("case", CASES)
+def test_one_hinge_step_changes_every_weight(name, case):
+    enc, rule, views = setup(name, case)
+    named = named_trainable(enc, rule)
+    before = {n: p.detach().clone() for n, p in named.items()}
+    losses = train_step(enc, rule, build_optimizers(enc, rule, lr=1e-3, weight_decay=0.0), views)
+    assert all(torch.isfinite(v) for v in losses)
+    for n, p in named.items():
+        assert torch.isfinite(p).all(), n
+        if p.dim() > 1 or n.startswith("rule."):
+            assert not torch.equal(p, before[n]), f"{n} did not change"
+
+
+def test_bias_gradient_vanishes_when_all_hinge_terms_are_active():
+    """Why the hinge smoke test exempts biases: an exact consequence of METHODS 2.
+
+    With every hinge term active, L = mean(2 - u_pos + u_neg) and
+    sum_m dL/dz_m = -(1/N) sum_m (B c_m - B c_{m-1}) = 0: a bias whose unit is
+    on for every sample gets no gradient. Here: BP-CLAPP++ on the VGG, whose
+    top block is 1x1, so each top unit is either on or off for the whole batch.
+    """
+    enc, rule, views = setup("bp-clapp++", "vgg")
+    h = enc(views)[-1]
+    z = spatial_pool(h, 1)
+    u_pos = (z * rule.head(swap_views(z))).sum(1)
+    u_neg = (z.roll(-1, 0) * rule.head(swap_views(z))).sum(1)
+    assert (u_pos < 1).all() and (u_neg > -1).all()  # every term active at init
+    on = (z > 0).all(0) | (z <= 0).all(0)
+    assert on.all()
+    rule.loss(0, h).backward()
+    torch.testing.assert_close(enc.blocks[-1][0].bias.grad, torch.zeros_like(enc.blocks[-1][0].bias),
+                               rtol=0, atol=1e-9)
+    assert enc.blocks[-1][0].weight.grad.abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("name", RULE_NAMES)
+def test_loss_decreases_on_a_fixed_batch(name):
+    """30 AdamW steps on one fixed batch lower the summed loss by > 5% (every rule, hinge)."""
+    enc, rule, views = setup(name, "tail", seed=0)
+    opts = build_optimizers(enc, rule, lr=3e-3, weight_decay=0.0)
+    first = torch.stack(train_step(enc, rule, opts, views))
+    for _ in range(30):
+        last = torch.stack(train_step(enc, rule, opts, views))
+    assert torch.isfinite(last).all()
+    assert last.sum() < 0.95 * first.sum(), (first, last)
+
+
+@pytest.mark.parametrize("name", ["clapp++", "bp-infonce"])
+def test_non_finite_loss_raises(name):
+    enc, rule, views = setup(name, "tail")
+    views[0, 0, 0, 0] = float("nan")
+    with pytest.raises(NonFiniteLossError):
+        train_step(enc, rule, None, views)
+
+
+# ---------------------------------------------------------- feedback kinds
+
+
+def test_feedback_kinds():
+    c = torch.randn(5, 6)
+    ident = Feedback(6, 6, "identity")
+    assert list(ident.parameters()) == [] and ident(c) is c
+    fixed = Feedback(6, 4, "fixed")
+    assert [p.requires_grad for p in fixed.parameters()] == [False] and fixed.weight.shape == (4, 6)
+    train = Feedback(6, 4, "trainable")
+    assert [p.requires_grad for p in train.parameters()] == [True]
+    torch.testing.assert_close(train(c), c @ train.weight.T)
+    with pytest.raises(ValueError, match="identity"):
+        Feedback(6, 4, "identity")
+    with pytest.raises(ValueError) as e:
+        Feedback(6, 6, "random")
+    for kind in FEEDBACK_KINDS:
+        assert kind in str(e.value)
+
+
+@pytest.mark.parametrize("name", FEEDBACK_RULES)
+def test_fixed_feedback_never_changes(name):
+    enc, rule, views = setup(name, "tail", feedback="fixed")
+    fb = {n: p.detach().clone() for n, p in rule.named_parameters()}
+    assert fb and all(not p.requires_grad for p in rule.parameters())
+    assert all(rule.group_parameters(g) == [] for g in range(len(rule.groups())))
+    enc0 = copy.deepcopy(enc.state_dict())
+    opts = build_optimizers(enc, rule, lr=1e-2, weight_decay=0.1)
+    for _ in range(3):
+        train_step(enc, rule, opts, views)
+    for n, p in rule.named_parameters():
+        assert torch.equal(p, fb[n]) and p.grad is None, n
+    assert any(not torch.equal(enc0[k], v) for k, v in enc.state_dict().items())
+
+
+@pytest.mark.parametrize("name", ["clapp++", "clapp++global", "bp-clapp++"])
+def test_identity_feedback_same_layer_has_no_parameters(name):
+    enc, rule, views = setup(name, "vgg", feedback="identity")
+    assert list(rule.parameters()) == []
+    losses = train_step(enc, rule, build_optimizers(enc, rule, 1e-3, 0.0), views)
+    assert all(torch.isfinite(v) for v in losses)
+
+
+@pytest.mark.parametrize("name", ["clapp++dfb", "clapp++both"])
+def test_identity_feedback_with_mismatched_dims_raises(name):
+    with pytest.raises(ValueError, match="identity feedback needs equal dims"):
+        setup(name, "vgg", feedback="identity")
+
+
+def test_bad_construction_raises():
+    shapes = [(4, 8, 8), (6, 4, 4)]
+    with pytest.raises(ValueError, match="grids"):
+        build_rule("clapp++", shapes, RuleOptions(grids=None))
+    with pytest.raises(ValueError, match="2 blocks"):
+        build_rule("clapp++", shapes, RuleOptions(grids=[4]))
+    with pytest.raises(ValueError, match="does not fit"):
+        build_rule("clapp++", shapes, RuleOptions(grids=[4, 3]))
+    with pytest.raises(KeyError, match="hinge"):
+        build_rule("clapp++", shapes, RuleOptions(grids=[4, 2], f="hing"))
+    with pytest.raises(ValueError, match="trainable"):
+        build_rule("clapp++", shapes, RuleOptions(grids=[4, 2], feedback="dfa"))
+
+
+def test_dfb_loss_needs_top():
+    enc, rule, views = setup("clapp++dfb", "tail")
+    with pytest.raises(ValueError, match="top"):
+        rule.loss(0, enc(views)[0], None)
+
+
+# ------------------------------------------------- loss definitions per rule
+
+
+def test_clapp_variants_losses_by_hand():
+    """Same-layer, DFB and 'both' losses from their definitions (METHODS 2), block by block."""
+    torch.manual_seed(0)
+    enc, in_shape, grids = _tail()
+    shapes = enc.feature_shapes(in_shape)
+    both = build_rule("clapp++both", shapes, RuleOptions(grids=grids))
+    same = build_rule("clapp++", shapes, RuleOptions(grids=grids))
+    dfb = build_rule("clapp++dfb", shapes, RuleOptions(grids=grids))
+    same.same.load_state_dict(both.same.state_dict())
+    dfb.top.load_state_dict(both.top.state_dict())
+    views = make_views(in_shape)
+    outs = enc(views)
+    top = outs[-1].detach()
+    c_top = swap_views(spatial_pool(top, grids[-1]))
+    for g, h in enumerate(outs):
+        z = spatial_pool(h, grids[g])
+        l_same = contrastive_loss(z, swap_views(z).detach() @ both.same[g].weight.T)
+        l_top = contrastive_loss(z, c_top @ both.top[g].weight.T)
+        torch.testing.assert_close(same.loss(g, h, top), l_same)
+        torch.testing.assert_close(dfb.loss(g, h, top), l_top)
+        torch.testing.assert_close(both.loss(g, h, top), l_same + l_top)
+
+
+def test_global_rule_pools_globally_and_bp_clapp_uses_top_only():
+    enc, rule, views = setup("clapp++global", "vgg")
+    assert rule.grids == [1] * len(enc)
+    h = enc(views)
+    z = h[1].mean(dim=(2, 3))
+    torch.testing.assert_close(rule.loss(1, h[1]), contrastive_loss(z, swap_views(z) @ rule.same[1].weight.T))
+    _, bp, _ = setup("bp-clapp++", "vgg")
+    zt = h[-1].mean(dim=(2, 3))
+    torch.testing.assert_close(bp.loss(0, h[-1]), contrastive_loss(zt, swap_views(zt) @ bp.head.weight.T))
+
+
+def test_b_l2_penalty_is_added_and_trains_b():
+    enc, rule, views = setup("clapp++", "tail", f="linear", b_l2=0.5)
+    h = enc(views)[1]
+    z = spatial_pool(h, rule.grids[1])
+    w = rule.same[1].weight
+    want = contrastive_loss(z, swap_views(z).detach() @ w.T, "linear") + 0.5 * w.pow(2).sum()
+    torch.testing.assert_close(rule.loss(1, h), want)
+
+
+# -------------------------------------------------- (b) three-factor rule
+
+# gamma = -df/du for the positive and the negative score (METHODS 2).
+GAMMA = {
+    "hinge": lambda up, un: ((up < 1).double(), -(un > -1).double()),
+    "softplus": lambda up, un: (torch.sigmoid(1 - up), -torch.sigmoid(1 + un)),
+    "logistic": lambda up, un: (torch.sigmoid(1 - up), -torch.sigmoid(1 + un)),
+    "linear": lambda up, un: (torch.ones_like(up), -torch.ones_like(un)),
+    "type1": lambda up, un: (torch.sigmoid(un - up), -torch.sigmoid(un - up)),
+}
+
+
+def test_every_f_has_an_explicit_gamma():
+    assert set(GAMMA) == set(CONTRASTIVE_F.names())
+
+
+def _three_factor_dz(z: torch.Tensor, bmat: torch.Tensor, f: str):
+    """dL/dz_m = -(1/N) [gamma_pos_m (B c_m) + gamma_neg_{m-1} (B c_{m-1})], and dL/dB.
+
+    Row m's z is the positive of its own score (context c_m) and the negative
+    of row m-1's score (context c_{m-1}).
+    """
+    n = z.shape[0]
+    c = swap_views(z)
+    bc = c @ bmat.T
+    u_pos = (z * bc).sum(1)
+    u_neg = (torch.roll(z, -1, 0) * bc).sum(1)
+    g_pos, g_neg = GAMMA[f](u_pos, u_neg)
+    dz = -(g_pos[:, None] * bc + torch.roll(g_neg, 1)[:, None] * torch.roll(bc, 1, 0)) / n
+    # B's own (Hebbian-like) rule: dL/dB = -(1/N) sum_m (gamma_pos z_m + gamma_neg z_{m+1}) c_m^T.
+    db = -((g_pos[:, None] * z + g_neg[:, None] * torch.roll(z, -1, 0)).T @ c) / n
+    return dz, db, (u_pos, u_neg)
+
+
+def _views64(shape, seed):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(N_IMAGES, *shape, generator=g, dtype=torch.float64)
+    return torch.cat([base + 0.3 * torch.randn(base.shape, generator=g, dtype=torch.float64),
+                      base + 0.3 * torch.randn(base.shape, generator=g, dtype=torch.float64)])
+
+
+@pytest.mark.parametrize("f", CONTRASTIVE_F.names())
+def test_three_factor_rule_linear_layer(f):
+    """h = relu(W x + b): autograd's dW, db, dB equal the explicit local rule (float64)."""
+    torch.manual_seed(0)
+    d_in, d = 5, 6
+    rule = build_rule("clapp++global", [(d,)], RuleOptions(f=f)).double()
+    with torch.no_grad():
+        rule.same[0].weight.mul_(2.0)  # scores of order 1: both sides of the hinge kinks occur
+    bmat = rule.same[0].weight
+    x = _views64((d_in,), 1)
+    w = (torch.randn(d, d_in, dtype=torch.float64) * 0.7).requires_grad_()
+    b = (torch.randn(d, dtype=torch.float64) * 0.1).requires_grad_()
+    a = x @ w.T + b
+    h = torch.relu(a)
+    loss = rule.loss(0, h)
+    torch.testing.assert_close(loss, contrastive_loss(h, swap_views(h).detach() @ bmat.T, f), rtol=0, atol=0)
+    gw, gb, gbm = torch.autograd.grad(loss, (w, b, bmat))
+
+    dz, dbm, (u_pos, u_neg) = _three_factor_dz(h.detach(), bmat.detach(), f)
+    post = dz * (a.detach() > 0)  # gamma * (B c)_j * relu'(a_j)
+    dw = torch.einsum("mj,mi->ji", post, x)  # ... * x_i, summed over the batch
+    torch.testing.assert_close(gw, dw, rtol=1e-10, atol=1e-13)
+    torch.testing.assert_close(gb, post.sum(0), rtol=1e-10, atol=1e-13)
+    torch.testing.assert_close(gbm, dbm, rtol=1e-10, atol=1e-13)
+    assert dw.abs().max() > 1e-3, "degenerate case: the rule gives no update"
+    if f == "hinge":  # the case must visit active and inactive terms
+        assert ((u_pos >= 1) | (u_neg <= -1)).any() and ((u_pos < 1) | (u_neg > -1)).any()
+
+
+@pytest.mark.parametrize("f", CONTRASTIVE_F.names())
+@pytest.mark.parametrize("grid", [4, 2, 1])
+def test_three_factor_rule_conv_layer(f, grid):
+    """h = relu(conv(x)): autograd == the explicit rule on unfolded patches, for pooling kernels 1, 2, 4.
+
+    With pooling kernel k = H / grid, dL/dh at a position is the pooled cell's
+    dL/dz divided by the kernel area k^2 (nearest upsampling).
+    """
+    torch.manual_seed(0)
+    c_in, c_out, s = 2, 3, 4
+    k = s // grid
+    rule = build_rule("clapp++", [(c_out, s, s)], RuleOptions(f=f, grids=[grid])).double()
+    with torch.no_grad():
+        rule.same[0].weight.mul_(k)  # scores of order 1-7
+    bmat = rule.same[0].weight
+    x = _views64((c_in, s, s), 2)
+    w = (torch.randn(c_out, c_in, 3, 3, dtype=torch.float64) * 0.5).requires_grad_()
+    b = (torch.randn(c_out, dtype=torch.float64) * 0.1).requires_grad_()
+    a = F.conv2d(x, w, b, padding=1)
+    h = torch.relu(a)
+    loss = rule.loss(0, h)
+    gw, gb, gbm = torch.autograd.grad(loss, (w, b, bmat))
+
+    patches = F.unfold(x, 3, padding=1)  # (N, c_in*9, s*s): x_i at every position
+    a_unf = torch.einsum("jc,ncp->njp", w.detach().reshape(c_out, -1), patches) + b.detach()[None, :, None]
+    torch.testing.assert_close(a_unf, a.detach().flatten(2), rtol=1e-12, atol=1e-12)
+    z = spatial_pool(h.detach(), grid)
+    dz, dbm, (u_pos, u_neg) = _three_factor_dz(z, bmat.detach(), f)
+    dz = dz.reshape(-1, c_out, grid, grid)
+    dh = dz.repeat_interleave(k, 2).repeat_interleave(k, 3) / (k * k)
+    post = (dh * (a.detach() > 0)).flatten(2)  # (N, c_out, s*s)
+    dw = torch.einsum("njp,nip->ji", post, patches).reshape_as(w)
+    torch.testing.assert_close(gw, dw, rtol=1e-10, atol=1e-13)
+    torch.testing.assert_close(gb, post.sum((0, 2)), rtol=1e-10, atol=1e-13)
+    torch.testing.assert_close(gbm, dbm, rtol=1e-10, atol=1e-13)
+    assert dw.abs().max() > 1e-4, "degenerate case: the rule gives no update"
+    if f == "hinge":  # the case must visit active and inactive terms
+        assert ((u_pos >= 1) | (u_neg <= -1)).any() and ((u_pos < 1) | (u_neg > -1)).any()
+
+
+def test_three_factor_check_sees_a_wrong_sign():
+    """Negative control: flipping gamma_neg (or letting gradient through c) breaks the equality."""
+    torch.manual_seed(0)
+    rule = build_rule("clapp++global", [(6,)], RuleOptions(f="softplus")).double()
+    bmat = rule.same[0].weight.detach()
+    x = _views64((5,), 1)
+    w = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
+    a = x @ w.T
+    h = torch.relu(a)
+    (gw,) = torch.autograd.grad(rule.loss(0, h), (w,), retain_graph=True)
+    dz, _, _ = _three_factor_dz(h.detach(), bmat, "softplus")
+    good = torch.einsum("mj,mi->ji", dz * (a.detach() > 0), x)
+    torch.testing.assert_close(gw, good, rtol=1e-10, atol=1e-13)
+    # Negative's gamma with the wrong sign, or paired with c_m instead of c_{m-1}: not equal.
+    n = x.shape[0]
+    bc = swap_views(h.detach()) @ bmat.T
+    up, un = (h.detach() * bc).sum(1), (h.detach().roll(-1, 0) * bc).sum(1)
+    g_pos, g_neg = GAMMA["softplus"](up, un)
+    for dz_bad in (-(g_pos[:, None] * bc - g_neg.roll(1)[:, None] * bc.roll(1, 0)) / n,
+                   -(g_pos[:, None] * bc + g_neg.roll(1)[:, None] * bc) / n):
+        bad = torch.einsum("mj,mi->ji", dz_bad * (a.detach() > 0), x)
+        assert not torch.allclose(gw, bad, rtol=1e-6, atol=1e-9)
+    # Context not detached: the gradient differs from the three-factor rule.
+    (g_leak,) = torch.autograd.grad(contrastive_loss(h, swap_views(h) @ bmat.T, "softplus"), (w,))
+    assert not torch.allclose(g_leak, good, rtol=1e-6, atol=1e-9)
+
+
+# -------------------------------------------------------- (c) BP-InfoNCE
+
+
+@pytest.mark.parametrize("temperature", [0.1, 0.5])
+def test_bp_infonce_loss_by_hand(temperature):
+    """Projection of the globally pooled top, cosine logits view 1 vs view 2 / T, symmetrised CE."""
+    torch.manual_seed(0)
+    c, s = 6, 2
+    rule = build_rule("bp-infonce", [(c, s, s)], RuleOptions(temperature=temperature, proj_dim=5))
+    assert rule.group_parameters(0) == [rule.projection.weight] and rule.projection.bias is None
+    h = make_views((c, s, s), seed=3)
+    p = h.mean(dim=(2, 3)) @ rule.projection.weight.T
+    p1, p2 = p[:N_IMAGES], p[N_IMAGES:]
+    n1 = p1 / p1.norm(dim=1, keepdim=True)
+    n2 = p2 / p2.norm(dim=1, keepdim=True)
+    logits = n1 @ n2.T / temperature  # B x B
+    target = torch.arange(N_IMAGES)
+    want = 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+    got = rule.loss(0, h)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+    # Naive loop of -log softmax, both directions.
+    lg = logits.tolist()
+    b = N_IMAGES
+    l12 = sum(-math.log(math.exp(lg[i][i]) / sum(math.exp(lg[i][j]) for j in range(b))) for i in range(b)) / b
+    l21 = sum(-math.log(math.exp(lg[j][j]) / sum(math.exp(lg[i][j]) for i in range(b))) for j in range(b)) / b
+    assert got.item() == pytest.approx(0.5 * (l12 + l21), rel=1e-5)
