@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import types
 import typing
 from dataclasses import MISSING, fields
 from pathlib import Path
@@ -48,8 +49,9 @@ def _add_dataclass_flags(p: argparse.ArgumentParser, cls: type, skip: set[str]) 
         tp = hints[f.name]
         default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
         help_ = f"{_HELP.get(f.name, f.name.replace('_', ' '))} (default: {default})"
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        base = args[0] if args else tp
+        base = tp
+        if typing.get_origin(tp) in (typing.Union, types.UnionType):  # X | None -> X
+            base = next(a for a in typing.get_args(tp) if a is not type(None))
         if base is bool:
             p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_)
         elif typing.get_origin(base) is list:

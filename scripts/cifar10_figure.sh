@@ -1,22 +1,26 @@
 #!/usr/bin/env bash
 # The README's first CIFAR-10 accuracy figure: the same encoder (VGG-6, width
-# 0.25) and budget for CLAPP++, CLAPP++ without spatial dependence and
-# BP-InfoNCE, then the same probes on each and on a random-init encoder.
-# Usage: bash scripts/cifar10_figure.sh [OUT] ; env EPOCHS, SUBSET, DATA, PAPER_EPOCHS.
+# 0.25), data and budget (STEPS steps of 32 images) for CLAPP++, CLAPP++
+# without spatial dependence and BP-InfoNCE, then the same probes on each and
+# on a random-init encoder of the same shape.
+# Usage: bash scripts/cifar10_figure.sh [OUT]; env STEPS, DATA, PAPER_EPOCHS.
+# A run that was stopped is resumed from its checkpoint.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-runs/cifar10}
 DATA=${DATA:-../shared/data}
-EPOCHS=${EPOCHS:-2}
+STEPS=${STEPS:-800}
 PAPER_EPOCHS=${PAPER_EPOCHS:-3}
-SUBSET_FLAG=${SUBSET:+--subset $SUBSET}
 L=.venv/bin/localssl
 for rule in clapp++ clapp++global bp-infonce; do
-  if [ ! -f "$OUT/$rule/summary.json" ]; then
-    rm -rf "$OUT/$rule"
-    $L train --rule "$rule" --dataset cifar10 --data-dir "$DATA" --width 0.25 --epochs "$EPOCHS" $SUBSET_FLAG \
-      --out "$OUT/$rule" --no-progress --log-every 50
+  if [ -f "$OUT/$rule/checkpoint.pt" ]; then
+    $L train --resume --out "$OUT/$rule" --max-steps "$STEPS" --no-progress
+  else
+    $L train --rule "$rule" --dataset cifar10 --data-dir "$DATA" --width 0.25 --epochs 1 --max-steps "$STEPS" \
+      --out "$OUT/$rule" --no-progress --log-every 50 --checkpoint-every 200
   fi
+done
+for rule in clapp++ clapp++global bp-infonce; do
   $L probe "$OUT/$rule" --protocols fast knn paper --epochs-paper "$PAPER_EPOCHS"
 done
 $L probe "$OUT/clapp++" --random-init --protocols fast knn paper --epochs-paper "$PAPER_EPOCHS"

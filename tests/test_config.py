@@ -71,3 +71,16 @@ def test_cli_flags_override_yaml(tmp_path, monkeypatch):
     main(["train", "--config", str(tmp_path / "c.yaml"), "--epochs", "3", "--no-progress"])
     cfg = seen["cfg"]
     assert (cfg.rule, cfg.epochs, cfg.lr, cfg.progress) == ("clapp++global", 3, 0.001, False)
+
+
+def test_cli_list_flags_parse_to_typed_lists(tmp_path, monkeypatch):
+    import localssl.engine.trainer as tr
+
+    seen = {}
+    monkeypatch.setattr(tr, "train", lambda cfg, resume=False: seen.setdefault("cfg", cfg) and tmp_path)
+    main(["train", "--grids", "8", "4", "4", "4", "2", "2", "--crop-scale", "0.2", "1", "--out", str(tmp_path)])
+    assert seen["cfg"].grids == [8, 4, 4, 4, 2, 2] and seen["cfg"].crop_scale == [0.2, 1.0]
+    from localssl.cli import _resolve, build_parser
+
+    args = build_parser().parse_args(["probe", "runs/x", "--protocols", "fast", "knn", "paper"])
+    assert _resolve(ProbeConfig, args).protocols == ["fast", "knn", "paper"]
