@@ -11,6 +11,7 @@ OUT=${1:-runs/cifar10}
 DATA=${DATA:-../shared/data}
 STEPS=${STEPS:-800}
 PAPER_EPOCHS=${PAPER_EPOCHS:-3}
+PAPER_TRAIN=${PAPER_TRAIN:-10000}  # the paper protocol re-encodes every epoch: a train subset keeps it in minutes
 L=.venv/bin/localssl
 for rule in clapp++ clapp++global bp-infonce; do
   if [ -f "$OUT/$rule/checkpoint.pt" ]; then
@@ -20,8 +21,12 @@ for rule in clapp++ clapp++global bp-infonce; do
       --out "$OUT/$rule" --no-progress --log-every 50 --checkpoint-every 200
   fi
 done
-for rule in clapp++ clapp++global bp-infonce; do
-  $L probe "$OUT/$rule" --protocols fast knn paper --epochs-paper "$PAPER_EPOCHS"
-done
-$L probe "$OUT/clapp++" --random-init --protocols fast knn paper --epochs-paper "$PAPER_EPOCHS"
+probe() {  # RUN [--random-init]: fast + kNN on all data, then the paper protocol on a subset
+  local name=probe; [ $# -gt 1 ] && name=probe-random-init
+  [ -f "$1/$name.json" ] || $L probe "$@" --protocols fast knn
+  [ -f "$1/$name-paper.json" ] || $L probe "$@" --protocols paper --epochs-paper "$PAPER_EPOCHS" \
+    --train-subset "$PAPER_TRAIN" --out "$1/$name-paper.json"
+}
+for rule in clapp++ clapp++global bp-infonce; do probe "$OUT/$rule"; done
+probe "$OUT/clapp++" --random-init
 $L report "$OUT" | tee "$OUT/table.md"

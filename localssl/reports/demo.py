@@ -23,10 +23,10 @@ PROBES = {"fast_all": "linear, all layers", "fast_last": "linear, last layer", "
 def run_demo(
     out: str | Path = "runs/demo",
     rules: tuple[str, ...] = ("clapp++", "bp-infonce"),
-    epochs: int = 3,
-    width: float = 0.25,
+    epochs: int = 6,
+    width: float = 0.125,
     subset: int | None = None,
-    lr: float = 2e-4,
+    lr: float = 5e-4,
     seed: int = 0,
     progress: bool = True,
 ) -> dict[str, Any]:
@@ -81,10 +81,11 @@ def format_table(accs: dict[str, dict[str, float]], results: dict[str, Any], epo
 def add_demo_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="train CLAPP++ and BP-InfoNCE briefly on embedded data, probe, plot")
     p.add_argument("--out", default="runs/demo")
-    p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--width", type=float, default=0.25)
+    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--width", type=float, default=0.125)
+    p.add_argument("--lr", type=float, default=5e-4, help="AdamW lr (the paper's 2e-4 is for 300 epochs)")
     p.add_argument("--subset", type=int, default=None, help="pre-train on this many images only")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", dest="progress", action="store_false")
-    p.set_defaults(func=lambda a: run_demo(a.out, epochs=a.epochs, width=a.width, subset=a.subset, seed=a.seed,
-                                           progress=a.progress) and 0)
+    p.set_defaults(func=lambda a: run_demo(a.out, epochs=a.epochs, width=a.width, subset=a.subset, lr=a.lr,
+                                           seed=a.seed, progress=a.progress) and 0)

@@ -33,10 +33,18 @@ def collect(runs_dir: str | Path) -> list[dict[str, Any]]:
         run = cfg_path.parent
         cfg = yaml.safe_load(cfg_path.read_text())
         summary = json.loads((run / "summary.json").read_text()) if (run / "summary.json").exists() else {}
-        for name, label in (("probe.json", cfg["rule"]), ("probe-random-init.json", "random-init")):
-            if (run / name).exists():
-                rows.append({"label": label, "run": run, "cfg": cfg, "summary": summary if name == "probe.json"
-                             else {}, "probe": json.loads((run / name).read_text())})
+        for stem, label in (("probe", cfg["rule"]), ("probe-random-init", "random-init")):
+            if (run / f"{stem}.json").exists():
+                probe = json.loads((run / f"{stem}.json").read_text())
+                # A paper-protocol probe run separately (e.g. on a train subset,
+                # `--protocols paper --out .../probe-paper.json`) joins the row.
+                paper = run / f"{stem}-paper.json"
+                if paper.exists():
+                    extra = json.loads(paper.read_text())
+                    probe["paper"] = extra["paper"]
+                    probe["paper_num_train"] = extra.get("num_train")
+                rows.append({"label": label, "run": run, "cfg": cfg, "summary": summary if stem == "probe"
+                             else {}, "probe": probe})
     return rows
 
 
@@ -65,8 +73,10 @@ def describe(rows: list[dict[str, Any]]) -> str:
     return (
         f"{cfg['dataset']}, {cfg['encoder']} width {cfg['width']}, batch {cfg['batch_size']}, lr {cfg['lr']}, "
         f"seed {cfg['seed']}; probes on {p.get('num_train')} train / {p.get('num_test')} test images "
-        f"(fast: {pc.get('epochs_fast')} epochs on frozen features; paper: {pc.get('epochs_paper')} epochs with "
-        f"crop+flip; kNN k={pc.get('knn_k')}, T={pc.get('knn_t')}). Hardware: {env.get('cpu')}, "
+        f"(fast: {pc.get('epochs_fast')} epochs on frozen features; paper protocol: "
+        f"{p.get('paper', {}).get('epochs', '-')} epochs with crop+flip on "
+        f"{p.get('paper_num_train') or p.get('num_train')} train images; kNN k={pc.get('knn_k')}, "
+        f"T={pc.get('knn_t')}). Hardware: {env.get('cpu')}, "
         f"{env.get('torch_threads')} threads, torch {env.get('torch')}."
     )
 
