@@ -14,7 +14,9 @@ PAPER_EPOCHS=${PAPER_EPOCHS:-3}
 PAPER_TRAIN=${PAPER_TRAIN:-10000}  # the paper protocol re-encodes every epoch: a train subset keeps it in minutes
 L=.venv/bin/localssl
 for rule in clapp++ clapp++global bp-infonce; do
-  if [ -f "$OUT/$rule/checkpoint.pt" ]; then
+  if [ -f "$OUT/$rule/summary.json" ]; then
+    :  # trained already
+  elif [ -f "$OUT/$rule/checkpoint.pt" ]; then
     $L train --resume --out "$OUT/$rule" --max-steps "$STEPS" --no-progress
   else
     $L train --rule "$rule" --dataset cifar10 --data-dir "$DATA" --width 0.25 --epochs 1 --max-steps "$STEPS" \

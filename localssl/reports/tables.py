@@ -49,17 +49,17 @@ def collect(runs_dir: str | Path) -> list[dict[str, Any]]:
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
-    head = ["encoder / rule", *[c for _, c in COLUMNS], "pre-training", "train img/s"]
+    # Speed is left to `localssl bench`, measured side by side on a quiet machine.
+    head = ["encoder / rule", *[c for _, c in COLUMNS], "pre-training"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cfg, s, p = r["cfg"], r["summary"], r["probe"]
         if r["label"] == "random-init":
-            budget, ips = "none", "-"
+            budget = "none"
         else:
             n = cfg.get("subset") or "all"
-            budget = f"{s.get('steps', '?')} steps x {cfg['batch_size']} ({n} images)"
-            ips = f"{s['images_per_s']:.0f}" if "images_per_s" in s else "-"
-        lines.append("| " + " | ".join([r["label"], *[_acc(p, k) for k, _ in COLUMNS], budget, ips]) + " |")
+            budget = f"{s.get('steps', '?')} steps x {cfg['batch_size']} images (of {n})"
+        lines.append("| " + " | ".join([r["label"], *[_acc(p, k) for k, _ in COLUMNS], budget]) + " |")
     return "\n".join(lines)
 
 
