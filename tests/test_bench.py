@@ -163,13 +163,13 @@ def test_tracker_dedupes_releases_and_excludes_params():
     assert tr2.live_bytes == 0
 
 
-def test_precision_layout_and_fused_variants():
+def test_precision_layout_and_unfused_variants():
     res = run_bench(encoder="vgg6", width=WIDTH, image_sizes=[SIZE], batch_size=2, steps=1, warmup=0, rounds=1,
                     amp="off", rules=["clapp++", "clapp++global"], device="cpu", memory=False, flops=False,
                     augment=False)
     rows = {r["label"]: r for r in res["speed"]["rules"]}
     assert set(rows) == {"clapp++", "clapp++global", "clapp++global [bf16, channels_last]",
-                         "clapp++global [fp32, contiguous]", "clapp++ [fused AdamW]"}
+                         "clapp++global [fp32, contiguous]", "clapp++ [unfused AdamW]"}
     assert all(r["images_per_s"] > 0 for r in rows.values())
     assert all("vs_bp" not in r for r in rows.values())  # no BP rule asked for: no ratios
 
