@@ -69,7 +69,6 @@ def train_step(
     rule: Rule,
     optimizers: Sequence[torch.optim.Optimizer] | None,
     views: torch.Tensor,
-    amp_ctx=None,
     device: torch.device | None = None,
     amp_dtype: torch.dtype | None = None,
 ) -> list[torch.Tensor]:
@@ -81,7 +80,7 @@ def train_step(
     dev = device or views.device
 
     def ctx():
-        return autocast(dev, amp_dtype) if amp_ctx is None else amp_ctx()
+        return autocast(dev, amp_dtype)
 
     top = None
     if rule.needs_top_context:
