@@ -32,6 +32,8 @@ _HELP = {
     "grids": "pooled grid side per block (default: the paper's grids for spatial rules)",
     "max_steps": "stop after this many optimisation steps (overrides epochs)",
     "batch_size": "images per batch (two views each)",
+    "micro_batch": "views per chunk inside a step: the same gradient with one chunk's activations held, "
+    "for one more forward pass",
     "amp": "auto (bf16 where the hardware has native bf16), bf16, or off",
     "checkpoint_every": "write the checkpoint every N steps (atomically)",
     "random_init": "probe an untrained encoder of the same shape instead",

@@ -49,6 +49,7 @@ class TrainConfig:
     epochs: int = 20
     max_steps: int | None = None
     batch_size: int = 32
+    micro_batch: int | None = None  # views per chunk inside a step: less memory, one more forward
     lr: float = 2e-4
     weight_decay: float = 0.0
     seed: int = 0
@@ -209,6 +210,8 @@ def validate_train(cfg: TrainConfig) -> None:
         raise ConfigError("f=linear is unbounded below with a trainable B: set b_l2 > 0 (e.g. 1e-3)")
     if cfg.max_steps is not None and cfg.max_steps <= 0:
         raise ConfigError(f"max_steps must be > 0, got {cfg.max_steps}")
+    if cfg.micro_batch is not None and cfg.micro_batch <= 0:
+        raise ConfigError(f"micro_batch must be > 0 views (or unset for the whole batch), got {cfg.micro_batch}")
     if cfg.crop_scale is not None:
         lo_hi = cfg.crop_scale
         if len(lo_hi) != 2 or not 0 < lo_hi[0] <= lo_hi[1] <= 1:

@@ -29,13 +29,15 @@ GRIDS = [8, 4, 4, 4, 2, 2]
 SIZE, BATCH = 32, 4
 VIEWS = 2 * BATCH
 LOCAL = ["clapp++", "clapp++global"]
+MICRO = 2  # views per chunk in the micro-batched rows
+MB = {r: f"{r} [micro-batch {MICRO}]" for r in [*LOCAL, BASELINE]}
 
 
 @pytest.fixture(scope="module")
 def res():
     return run_bench(
         encoder="vgg6", width=WIDTH, image_sizes=[SIZE], batch_size=BATCH, steps=1, warmup=0, rounds=1,
-        amp="off", rules=[*LOCAL, BASELINE], device="cpu", compare_precision=False,
+        amp="off", rules=[*LOCAL, BASELINE], device="cpu", compare_precision=False, micro_batch=MICRO,
     )
 
 
@@ -52,7 +54,8 @@ def test_structure_and_report(res):
     assert {"config", "env", "speed", "flops", "memory", "targets"} <= set(res)
     assert res["config"]["amp_dtype"] == "fp32"
     rows = {r["label"]: r for r in res["speed"]["rules"]}
-    assert set(rows) == {*LOCAL, BASELINE}
+    assert set(rows) == {*LOCAL, BASELINE, *MB.values()}
+    assert set(res["memory"][0]["rules"]) == set(rows)
     for r in rows.values():
         assert r["images_per_s"] > 0 and len(r["rounds"]) == 1
         assert 0 < r["optimizer_share"] < 1 and r["step_ms"] > 0
@@ -101,6 +104,21 @@ def test_local_activation_memory_between_floor_and_bp(res):
     for d in m["rules"].values():
         assert d["live_after_step_bytes"] == 0  # every saved tensor was released
         assert d["peak_saved_param_bytes"] > 0  # conv weights are saved, and kept out of the activations
+
+
+def test_micro_batched_rows_hold_one_chunk(res):
+    """Micro-batched: a local rule holds about one block at MICRO of VIEWS views; BP about the encoder at MICRO."""
+    m = res["memory"][0]
+    floor, bp = m["floor"], m["rules"][BASELINE]["peak_saved_activation_bytes"]
+    first_input = 4 * VIEWS * 3 * SIZE**2  # chunks of the input views share its storage: counted whole
+    for name in LOCAL:
+        d = m["rules"][MB[name]]
+        assert d["micro_batch"] == MICRO and d["rule"] == name
+        assert d["peak_saved_activation_bytes"] <= floor["floor_bytes"] * MICRO / VIEWS + first_input
+        assert d["meets_target"] and d["vs_bp"] < 0.5
+    d = m["rules"][MB[BASELINE]]
+    assert not d["local"] and d["peak_saved_activation_bytes"] < bp / 2
+    assert "micro-batch" in format_report(res)
 
 
 def test_parameter_memory_is_adamw_fp32(res):

@@ -192,24 +192,26 @@ def test_parameter_ownership(name, case):
 
 @pytest.mark.parametrize("name", RULE_NAMES)
 @pytest.mark.parametrize("case", CASES)
-def test_gradient_routing(name, case, monkeypatch):
+@pytest.mark.parametrize("micro_batch", [None, 3])
+def test_gradient_routing(name, case, micro_batch, monkeypatch):
     """Loss k reaches block k's parameters and group k's rule parameters, and nothing else.
 
     Each group's loss is isolated by running ``train_step`` with every other
     group's loss multiplied by 0 (the same machinery, backward one group at a
     time); the parameters that then hold a non-zero gradient are recorded.
+    Also for the micro-batched step (chunks of 3 of the 8 views).
     """
     enc, rule, views = setup(name, case)
     named = named_trainable(enc, rule)
-    real_loss = rule.loss
+    real_objective = rule.objective
     groups = rule.groups()
     for k, blocks in enumerate(groups):
-        def only_k(g, h, top=None, k=k):
-            return real_loss(g, h, top) * (1.0 if g == k else 0.0)
+        def only_k(g, z, context=None, k=k):
+            return real_objective(g, z, context) * (1.0 if g == k else 0.0)
 
-        monkeypatch.setattr(rule, "loss", only_k)
+        monkeypatch.setattr(rule, "objective", only_k)
         zero_grads(named)
-        train_step(enc, rule, None, views)
+        train_step(enc, rule, None, views, micro_batch=micro_batch)
         got = with_grad(named)
         want = names_of([p for b in blocks for p in enc.blocks[b].parameters()], named)
         want |= names_of(rule.group_parameters(k), named)
@@ -319,6 +321,78 @@ def test_top_context_is_the_no_grad_top_output(name, monkeypatch):
     for top in seen:
         assert top is not None and not top.requires_grad
         torch.testing.assert_close(top, want, rtol=0, atol=0)
+
+
+# ------------------------------------------------------ micro-batching inside a step
+
+
+@pytest.mark.parametrize("name", RULE_NAMES)
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("micro_batch", [1, 3, 4])
+def test_micro_batched_step_gives_the_plain_gradients(name, case, micro_batch):
+    """Chunked recompute (METHODS 2.2b) == the plain step, every parameter, float64 exactly.
+
+    Chunks of 1, 3 (uneven: 3+3+2) and 4 (one view of each image per chunk,
+    so no chunk holds a positive pair) of the 8 views.
+    """
+    enc, rule, views = setup(name, case)
+    enc, rule, views = enc.double(), rule.double(), views.double()
+    named = named_trainable(enc, rule)
+    zero_grads(named)
+    plain = torch.stack(train_step(enc, rule, None, views))
+    want = {n: p.grad.clone() for n, p in named.items()}
+    zero_grads(named)
+    chunked = torch.stack(train_step(enc, rule, None, views, micro_batch=micro_batch))
+    torch.testing.assert_close(chunked, plain, rtol=1e-12, atol=0)
+    for n, p in named.items():
+        torch.testing.assert_close(p.grad, want[n], rtol=1e-10, atol=1e-13, msg=n)
+
+
+@pytest.mark.parametrize("name", ["clapp++", "bp-infonce"])
+def test_micro_batched_adamw_steps_match_the_plain_ones(name):
+    """Three AdamW steps, plain vs micro-batched: every optimizer steps on the same gradients."""
+    enc, rule, views = setup(name, "vgg")
+    enc, rule, views = enc.double(), rule.double(), views.double()
+    enc_b, rule_b = copy.deepcopy(enc), copy.deepcopy(rule)
+    opts, opts_b = build_optimizers(enc, rule, 1e-2, 1e-2), build_optimizers(enc_b, rule_b, 1e-2, 1e-2)
+    for _ in range(3):
+        train_step(enc, rule, opts, views)
+        train_step(enc_b, rule_b, opts_b, views, micro_batch=3)
+    a, b = named_trainable(enc, rule), named_trainable(enc_b, rule_b)
+    for n in a:
+        # AdamW divides by sqrt(v): gradient entries near 0 turn 1e-15 rounding into ~1e-11.
+        torch.testing.assert_close(b[n], a[n], rtol=1e-9, atol=1e-10, msg=n)
+
+
+def test_micro_batching_lowers_the_saved_activations():
+    """Peak bytes autograd holds: one chunk's worth, not the batch's (counted with saved-tensor hooks)."""
+    from localssl.reports.bench import SavedBytesTracker
+
+    torch.manual_seed(0)
+    enc = build_encoder("vgg6", width=1 / 8, in_channels=3)
+    rule = build_rule("clapp++global", enc.feature_shapes((3, 32, 32)), RuleOptions())
+    views = make_views((3, 32, 32), n=16)
+    params = list(enc.parameters()) + list(rule.parameters())
+    peaks = {}
+    for mb in (None, 8):
+        tr = SavedBytesTracker(params)
+        with tr:
+            train_step(enc, rule, None, views, micro_batch=mb)
+        peaks[mb] = tr.peak_bytes
+        assert tr.live_bytes == 0
+    # 8 of 32 views: a quarter of the activations, plus the losses' (small) pooled inputs.
+    assert peaks[8] < 0.3 * peaks[None], peaks
+
+
+def test_micro_batching_refuses_batchnorm():
+    seq = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                        nn.Conv2d(4, 4, 3, padding=1), nn.ReLU())
+    enc = split_into_blocks(seq, [3], name="bn")
+    rule = build_rule("clapp++global", enc.feature_shapes((3, 8, 8)), RuleOptions())
+    views = make_views((3, 8, 8))
+    with pytest.raises(ValueError, match="BatchNorm"):
+        train_step(enc, rule, None, views, micro_batch=2)
+    train_step(enc, rule, None, views)  # the plain step is fine
 
 
 # ------------------------------------------------------ (a) training smoke tests

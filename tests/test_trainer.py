@@ -125,3 +125,34 @@ def test_corrupt_checkpoint_is_reported_by_name(tmp_path):
     (run / CHECKPOINT).write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match=str(run / CHECKPOINT)):
         load_checkpoint(run / CHECKPOINT)
+
+
+def test_micro_batch_reaches_the_step_and_may_change_on_resume(tmp_path, monkeypatch):
+    """`train` hands micro_batch to every step, and --resume may change it (same gradient, other memory).
+
+    The first step's losses (same weights, same views) match the plain run's;
+    later weights are not compared in float32, since AdamW turns rounding in
+    near-zero gradients into lr-sized steps (the exact float64 equality of
+    the gradients and updates is in test_rules.py).
+    """
+    seen = []
+    real_step = trainer_mod.train_step
+
+    def spy(*a, **kw):
+        seen.append(kw.get("micro_batch"))
+        return real_step(*a, **kw)
+
+    monkeypatch.setattr(trainer_mod, "train_step", spy)
+    plain = train(tiny_cfg(tmp_path, out=str(tmp_path / "plain"), max_steps=2))
+    train(tiny_cfg(tmp_path, out=str(tmp_path / "mb"), max_steps=2, micro_batch=5))
+    chunked = train(tiny_cfg(tmp_path, out=str(tmp_path / "mb"), max_steps=3, micro_batch=12), resume=True)
+    assert seen == [None, None, 5, 5, 12]
+    first = [json.loads((r / "metrics.jsonl").read_text().splitlines()[0]) for r in (plain, chunked)]
+    losses = [[v for k, v in row.items() if k.startswith("loss_")] for row in first]
+    assert len(losses[0]) == 6
+    torch.testing.assert_close(torch.tensor(losses[1]), torch.tensor(losses[0]), rtol=1e-5, atol=1e-6)
+
+
+def test_micro_batch_must_be_positive(tmp_path):
+    with pytest.raises(ConfigError, match="micro_batch"):
+        train(tiny_cfg(tmp_path, micro_batch=0))

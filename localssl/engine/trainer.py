@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 from tqdm import tqdm
 
 from localssl.config import ConfigError, TrainConfig, check_shapes, rule_options, save_yaml, to_dict, validate_train
@@ -45,7 +46,9 @@ class NonFiniteLossError(RuntimeError):
 
 
 # Options that may change when a run is resumed; anything else must match.
-RESUMABLE_CHANGES = {"epochs", "max_steps", "progress", "checkpoint_every", "log_every", "device", "threads", "out"}
+# micro_batch changes memory and time, not the gradient.
+RESUMABLE_CHANGES = {"epochs", "max_steps", "micro_batch", "progress", "checkpoint_every", "log_every", "device",
+                     "threads", "out"}
 
 
 def _fused_ok(params: list[torch.nn.Parameter]) -> bool:
@@ -71,12 +74,17 @@ def train_step(
     views: torch.Tensor,
     device: torch.device | None = None,
     amp_dtype: torch.dtype | None = None,
+    micro_batch: int | None = None,
 ) -> list[torch.Tensor]:
     """One step on a batch of stacked views; returns every group's (detached) loss.
 
     With ``optimizers=None`` only the gradients are computed (they are left in
     ``.grad``), which is what gradient-alignment analysis and tests need.
+    ``micro_batch`` (views per chunk) trades one more forward pass for
+    activation memory: see `_micro_batched_step`.
     """
+    if micro_batch is not None and micro_batch < views.shape[0]:
+        return _micro_batched_step(encoder, rule, optimizers, views, device, amp_dtype, micro_batch)
     dev = device or views.device
 
     def ctx():
@@ -95,8 +103,7 @@ def train_step(
         with ctx():
             out = encoder.run_blocks(h_in, blocks)
             loss = rule.loss(g, out, top)
-        if not torch.isfinite(loss):
-            raise NonFiniteLossError(f"loss of group {g + 1} (blocks {[b + 1 for b in blocks]}) is {loss.item()}")
+        _check_finite(loss, g, blocks)
         if optimizers is not None:
             optimizers[g].zero_grad(set_to_none=True)
         loss.backward()
@@ -106,6 +113,99 @@ def train_step(
         h = out.detach()
         losses.append(loss.detach())
         del out, loss
+    return losses
+
+
+def _check_finite(loss: torch.Tensor, g: int, blocks: Sequence[int]) -> None:
+    if not torch.isfinite(loss):
+        raise NonFiniteLossError(f"loss of group {g + 1} (blocks {[b + 1 for b in blocks]}) is {loss.item()}")
+
+
+def _batch_coupling_modules(encoder: nn.Module) -> list[str]:
+    """Modules whose output row depends on other rows in training mode (batch statistics)."""
+    kinds = (nn.modules.batchnorm._BatchNorm, nn.SyncBatchNorm)
+    return [name for name, m in encoder.named_modules() if isinstance(m, kinds) and m.training]
+
+
+def _micro_batched_step(
+    encoder: BlockEncoder,
+    rule: Rule,
+    optimizers: Sequence[torch.optim.Optimizer] | None,
+    views: torch.Tensor,
+    device: torch.device | None,
+    amp_dtype: torch.dtype | None,
+    micro_batch: int,
+) -> list[torch.Tensor]:
+    """The step of `train_step`, holding the activations of one chunk of views at a time.
+
+    A loss reads the whole batch (negatives and contexts are other rows), but
+    only through each group's small representation z = represent(h) (the
+    pooled map), and every block maps rows independently. So (METHODS 2.2b):
+      1. no graph: every chunk through every block; keep each group's z
+         (and the DFB context), never a full-batch activation;
+      2. each group's loss on the whole batch of z: its backward gives the
+         rule's own gradients (B) and dL/dz;
+      3. every chunk again, block by block with a graph one chunk deep,
+         back-propagating dL/dz[chunk] into the block's weights.
+    The weight gradient is a sum over rows, so this equals the plain step's
+    gradient up to float rounding (tests/test_trainer.py checks it for every
+    rule), at the cost of one more forward pass. Peak saved activations drop
+    from one block at the full batch to one block at ``micro_batch`` views.
+    The same holds for an end-to-end rule (its single group is the whole
+    encoder): that is GradCache (Gao et al. 2021) for BP-InfoNCE.
+    """
+    coupled = _batch_coupling_modules(encoder)
+    if coupled:
+        raise ValueError(
+            f"micro-batching needs blocks that map each row on its own; {', '.join(coupled)} use batch "
+            "statistics (BatchNorm): set micro_batch to None or use an encoder without them"
+        )
+    dev = device or views.device
+
+    def ctx():
+        return autocast(dev, amp_dtype)
+
+    groups = rule.groups()
+    chunks = views.split(micro_batch)
+    # 1. Representations (and the DFB context) of the whole batch, chunk by chunk.
+    reps: list[list[torch.Tensor]] = [[] for _ in groups]
+    tops: list[torch.Tensor] = []
+    with torch.no_grad(), ctx():
+        for x in chunks:
+            h = x
+            for g, blocks in enumerate(groups):
+                h = encoder.run_blocks(h, blocks)
+                reps[g].append(rule.represent(g, h))
+            if rule.needs_top_context:
+                tops.append(rule.context(h))
+    top = torch.cat(tops) if tops else None
+    # 2. The losses on the whole batch: gradients of the rule's parameters and dL/dz.
+    if optimizers is not None:
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+    losses, dz = [], []
+    for g, blocks in enumerate(groups):
+        z = torch.cat(reps[g]).requires_grad_()
+        reps[g] = []
+        with ctx():
+            loss = rule.objective(g, z, top)
+        _check_finite(loss, g, blocks)
+        loss.backward()
+        dz.append(z.grad.split(micro_batch))
+        losses.append(loss.detach())
+    # 3. Each chunk again, block by block; no gradient crosses a group boundary.
+    for c, x in enumerate(chunks):
+        h = x
+        for g, blocks in enumerate(groups):
+            with ctx():
+                out = encoder.run_blocks(h.detach(), blocks)
+                z = rule.represent(g, out)
+            z.backward(dz[g][c])
+            h = out.detach()
+            del out, z
+    if optimizers is not None:
+        for opt in optimizers:
+            opt.step()
     return losses
 
 
@@ -192,6 +292,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         default_grids(cfg.encoder, len(encoder)) if cfg.rule in SPATIAL_RULES else None)
     rule = build_rule(cfg.rule, shapes, rule_options(cfg, grids))
     mf = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    if cfg.micro_batch is not None and _batch_coupling_modules(encoder):
+        raise ConfigError(f"micro_batch needs an encoder without BatchNorm; {cfg.encoder} has "
+                          f"{', '.join(_batch_coupling_modules(encoder))}")
     encoder.to(device, memory_format=mf)
     rule.to(device)
     optimizers = build_optimizers(encoder, rule, cfg.lr, cfg.weight_decay)
@@ -240,7 +343,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
             x = batches.batch(epoch, i)
             views = augment(x)
             try:
-                losses = train_step(encoder, rule, optimizers, views, device=device, amp_dtype=amp_dtype)
+                losses = train_step(encoder, rule, optimizers, views, device=device, amp_dtype=amp_dtype,
+                                    micro_batch=cfg.micro_batch)
             except NonFiniteLossError as e:
                 raise NonFiniteLossError(
                     f"{e} in step {step + 1} (epoch {epoch + 1}); stopped. The last good checkpoint is kept at "

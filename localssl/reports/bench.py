@@ -118,12 +118,13 @@ class _State:
     device: torch.device
     amp_dtype: torch.dtype | None
     memory_format: torch.memory_format
+    micro_batch: int | None = None
 
     def step(self, views: torch.Tensor, with_optimizers: bool = True) -> list[torch.Tensor]:
         from localssl.engine.trainer import train_step
 
         return train_step(self.encoder, self.rule, self.optimizers if with_optimizers else None, views,
-                          device=self.device, amp_dtype=self.amp_dtype)
+                          device=self.device, amp_dtype=self.amp_dtype, micro_batch=self.micro_batch)
 
 
 def _build(
@@ -135,6 +136,7 @@ def _build(
     amp_dtype: torch.dtype | None,
     channels_last: bool,
     seed: int,
+    micro_batch: int | None = None,
 ) -> _State:
     """Encoder + rule + AdamW (lr 2e-4, wd 0, METHODS 2.4), as `localssl train` builds them."""
     from localssl.engine.trainer import build_optimizers
@@ -149,7 +151,7 @@ def _build(
     rule.to(device)
     encoder.train()
     opts = build_optimizers(encoder, rule, 2e-4, 0.0)
-    return _State(rule_name, encoder, rule, opts, device, amp_dtype, mf)
+    return _State(rule_name, encoder, rule, opts, device, amp_dtype, mf, micro_batch)
 
 
 def _random_views(batch_size: int, image_size: int, device: torch.device, channels_last: bool,
@@ -455,7 +457,7 @@ def _rss_child() -> None:
     device = torch.device(cfg["device"])
     amp_dtype = getattr(torch, cfg["amp"]) if cfg["amp"] else None
     st = _build(cfg["rule"], cfg["encoder"], cfg["width"], cfg["image_size"], device, amp_dtype,
-                cfg["channels_last"], cfg["seed"])
+                cfg["channels_last"], cfg["seed"], cfg.get("micro_batch"))
     views = _random_views(cfg["batch_size"], cfg["image_size"], device, cfg["channels_last"], cfg["seed"])
     gc.collect()
     before = psutil.Process().memory_info().rss
@@ -472,12 +474,12 @@ def _rss_child() -> None:
 
 def peak_rss(rule: str, encoder: str, width: float, image_size: int, batch_size: int, steps: int,
              device: torch.device, amp_dtype: torch.dtype | None, channels_last: bool, threads: int | None,
-             seed: int) -> dict[str, int]:
+             seed: int, micro_batch: int | None = None) -> dict[str, int]:
     """Whole-process peak RSS of ``steps`` training steps of one rule, in a fresh interpreter."""
     cfg = {"rule": rule, "encoder": encoder, "width": width, "image_size": image_size,
            "batch_size": batch_size, "steps": steps, "device": str(device),
            "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else None,
-           "channels_last": channels_last, "threads": threads, "seed": seed}
+           "channels_last": channels_last, "threads": threads, "seed": seed, "micro_batch": micro_batch}
     root = str(Path(__file__).resolve().parents[2])
     env = dict(os.environ)
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
@@ -520,6 +522,7 @@ def run_bench(
     augment: bool = True,
     compare_precision: bool = True,
     rss: bool = False,
+    micro_batch: int | None = None,
     seed: int = 0,
     log: Log | None = None,
 ) -> dict[str, Any]:
@@ -530,7 +533,9 @@ def run_bench(
     ``compare_precision`` adds, for one rule, the other precision (fp32 vs
     bf16 autocast) and the other memory layout to the speed rounds, and
     clapp++ with the unfused (for-each) AdamW, to show what the trainer's fused
-    kernel saves on its 12.6M B parameters.
+    kernel saves on its 12.6M B parameters. ``micro_batch`` (views per chunk;
+    None to skip) adds every rule once more with the micro-batched step
+    (`train_step(micro_batch=...)`) to the speed, memory and RSS figures.
     """
     log = log or (lambda msg: None)
     rules = list(rules)
@@ -540,6 +545,9 @@ def run_bench(
         raise ValueError(f"batch_size={batch_size}: the negative of an image is another image of the batch")
     if min(steps, rounds) < 1 or warmup < 0:
         raise ValueError("steps and rounds must be >= 1, warmup >= 0")
+    if micro_batch is not None and not 0 < micro_batch < 2 * batch_size:
+        raise ValueError(f"micro_batch={micro_batch} views: choose 1 .. {2 * batch_size - 1} (a step has "
+                         f"{2 * batch_size} views), or None")
     image_sizes = [int(s) for s in image_sizes]
     speed_size = int(speed_size if speed_size is not None else image_sizes[0])
     if threads:
@@ -555,6 +563,7 @@ def run_bench(
             "rounds": rounds, "amp": amp, "amp_dtype": _dtype_name(amp_dtype), "rules": rules,
             "device": str(dev), "threads": torch.get_num_threads(), "channels_last": channels_last,
             "cpu_native_bf16": cpu_supports_bf16() if dev.type == "cpu" else None, "seed": seed,
+            "micro_batch": micro_batch,
         },
         "env": environment_info(dev),
         "targets": {"speed_vs_bp": SPEED_TARGETS, "memory_local_vs_bp": MEMORY_TARGET,
@@ -565,28 +574,39 @@ def run_bench(
     result["load_average_before"] = _loadavg()
     if speed or augment:
         result["speed"] = _speed(rules, encoder, width, speed_size, batch_size, steps, warmup, rounds, dev,
-                                 amp_dtype, channels_last, speed, augment, compare_precision, seed, log)
+                                 amp_dtype, channels_last, speed, augment, compare_precision, micro_batch, seed,
+                                 log)
     if flops:
         result["flops"] = _flops(rules, encoder, width, speed_size, batch_size, dev, amp_dtype, channels_last,
                                  seed, log)
     if memory:
         result["memory"] = [
-            _memory(rules, encoder, width, s, batch_size, dev, amp_dtype, channels_last, seed, log)
+            _memory(rules, encoder, width, s, batch_size, dev, amp_dtype, channels_last, micro_batch, seed, log)
             for s in image_sizes
         ]
     if rss:
         result["rss"] = []
         for s in image_sizes:
-            for r in rules:
-                log(f"peak RSS: {r} at {s}px (subprocess)")
+            for r, mb in _memory_variants(rules, micro_batch):
+                label = _variant_label(r, mb)
+                log(f"peak RSS: {label} at {s}px (subprocess)")
                 try:
                     d = peak_rss(r, encoder, width, s, batch_size, max(1, warmup + 1), dev, amp_dtype,
-                                 channels_last, threads, seed)
+                                 channels_last, threads, seed, mb)
                 except RuntimeError as e:
                     d = {"error": str(e)}
-                result["rss"].append({"rule": r, "image_size": s, **d})
+                result["rss"].append({"rule": r, "label": label, "micro_batch": mb, "image_size": s, **d})
     result["load_average_after"] = _loadavg()
     return result
+
+
+def _memory_variants(rules: Sequence[str], micro_batch: int | None) -> list[tuple[str, int | None]]:
+    """Every rule with the plain step, then (if asked) every rule micro-batched."""
+    return [(r, None) for r in rules] + ([(r, micro_batch) for r in rules] if micro_batch else [])
+
+
+def _variant_label(rule: str, micro_batch: int | None) -> str:
+    return rule if micro_batch is None else f"{rule} [micro-batch {micro_batch}]"
 
 
 def _loadavg() -> list[float] | None:
@@ -617,11 +637,15 @@ def _time_optimizers(state: _State, dev: torch.device) -> list[float]:
 
 
 def _speed(rules, encoder, width, size, batch_size, steps, warmup, rounds, dev, amp_dtype, channels_last,
-           do_train, do_augment, compare_precision, seed, log) -> dict[str, Any]:
+           do_train, do_augment, compare_precision, micro_batch, seed, log) -> dict[str, Any]:
     variants: list[dict[str, Any]] = []
     if do_train:
         for r in rules:
             variants.append({"rule": r, "amp": amp_dtype, "channels_last": channels_last, "main": True})
+        if micro_batch:
+            for r in rules:
+                variants.append({"rule": r, "amp": amp_dtype, "channels_last": channels_last, "main": False,
+                                 "micro_batch": micro_batch})
         if compare_precision:
             ref = "clapp++global" if "clapp++global" in rules else rules[0]
             other = None if amp_dtype is not None else torch.bfloat16
@@ -635,10 +659,17 @@ def _speed(rules, encoder, width, size, batch_size, steps, warmup, rounds, dev, 
     states, views = [], {}
     for v in variants:
         layout = "channels_last" if v["channels_last"] else "contiguous"
-        v["label"] = v["rule"] if v["main"] else (
-            f"{v['rule']} [unfused AdamW]" if v.get("unfused") else f"{v['rule']} [{_dtype_name(v['amp'])}, {layout}]")
+        if v["main"]:
+            v["label"] = v["rule"]
+        elif v.get("micro_batch"):
+            v["label"] = _variant_label(v["rule"], v["micro_batch"])
+        elif v.get("unfused"):
+            v["label"] = f"{v['rule']} [unfused AdamW]"
+        else:
+            v["label"] = f"{v['rule']} [{_dtype_name(v['amp'])}, {layout}]"
         try:
-            st = _build(v["rule"], encoder, width, size, dev, v["amp"], v["channels_last"], seed)
+            st = _build(v["rule"], encoder, width, size, dev, v["amp"], v["channels_last"], seed,
+                        v.get("micro_batch"))
             if v.get("unfused"):
                 st.optimizers = [torch.optim.AdamW(o.param_groups[0]["params"], lr=2e-4, weight_decay=0.0, fused=False)
                                  for o in st.optimizers]
@@ -688,7 +719,8 @@ def _speed(rules, encoder, width, size, batch_size, steps, warmup, rounds, dev, 
     rows = []
     for v in variants:
         row: dict[str, Any] = {"label": v["label"], "rule": v["rule"], "amp_dtype": _dtype_name(v["amp"]),
-                               "channels_last": v["channels_last"], "main": v["main"]}
+                               "channels_last": v["channels_last"], "main": v["main"],
+                               "micro_batch": v.get("micro_batch")}
         if "error" in v:
             row["error"] = v["error"]
         else:
@@ -731,7 +763,8 @@ def _flops(rules, encoder, width, size, batch_size, dev, amp_dtype, channels_las
     return {"image_size": size, "unit": "FLOP per view (2 per multiply-add)", "rules": per_rule}
 
 
-def _memory(rules, encoder, width, size, batch_size, dev, amp_dtype, channels_last, seed, log) -> dict[str, Any]:
+def _memory(rules, encoder, width, size, batch_size, dev, amp_dtype, channels_last, micro_batch, seed,
+            log) -> dict[str, Any]:
     views = _random_views(batch_size, size, dev, channels_last, seed)
     torch.manual_seed(seed)
     enc = build_encoder(encoder, width, 3).to(dev, memory_format=torch.channels_last if channels_last
@@ -753,12 +786,13 @@ def _memory(rules, encoder, width, size, batch_size, dev, amp_dtype, channels_la
         },
         "rules": {},
     }
-    for r in rules:
-        log(f"memory: {r} at {size}px")
+    for r, mb in _memory_variants(rules, micro_batch):
+        label = _variant_label(r, mb)
+        log(f"memory: {label} at {size}px")
         try:
-            st = _build(r, encoder, width, size, dev, amp_dtype, channels_last, seed)
+            st = _build(r, encoder, width, size, dev, amp_dtype, channels_last, seed, mb)
         except ValueError as e:
-            out["rules"][r] = {"error": str(e)}
+            out["rules"][label] = {"error": str(e)}
             continue
         params = list(st.encoder.parameters()) + list(st.rule.parameters())
         gc.collect()
@@ -770,6 +804,8 @@ def _memory(rules, encoder, width, size, batch_size, dev, amp_dtype, channels_la
         with tracker:
             st.step(views)
         d: dict[str, Any] = {
+            "rule": r,
+            "micro_batch": mb,
             "local": bool(st.rule.local),
             "groups": len(st.rule.groups()),
             "peak_saved_activation_bytes": tracker.peak_bytes,
@@ -780,7 +816,7 @@ def _memory(rules, encoder, width, size, batch_size, dev, amp_dtype, channels_la
         }
         if cuda_before is not None:
             d["cuda_step_peak_bytes"] = torch.cuda.max_memory_allocated(dev) - cuda_before
-        out["rules"][r] = d
+        out["rules"][label] = d
         del st, tracker
     base = out["rules"].get(BASELINE)
     if base is None or "error" in base:
@@ -896,6 +932,12 @@ def format_report(res: dict[str, Any]) -> str:
             out.append(f"   The {MEMORY_TARGET}x target lies below this encoder's floor against BP "
                        f"({f['floor_ratio']:.2f}): no block-by-block loop meets it without micro-batching inside "
                        "a block (METHODS 2.2b).")
+        if c.get("micro_batch"):
+            out.append(f"   [micro-batch {c['micro_batch']}] = the same gradient computed {c['micro_batch']} views at "
+                       "a time (train --micro-batch): a no-graph pass keeps each block's pooled z, the losses give "
+                       "dL/dz, then each chunk is recomputed with a graph. It costs one more forward (table 1). "
+                       "End-to-end BP can be chunked the same way (GradCache), shown for comparison; its chunk "
+                       "holds every block's activations, a local chunk one block's.")
         leaks = [n for n, d in m["rules"].items() if d.get("live_after_step_bytes")]
         if leaks:
             out.append(f"   WARNING: saved tensors still alive after the step for {', '.join(leaks)}.")
@@ -903,9 +945,10 @@ def format_report(res: dict[str, Any]) -> str:
         if r is res["rss"][0]:
             out += ["", "   whole-process peak RSS, each rule in a fresh subprocess (MiB):"]
         if "error" in r:
-            out.append(f"   {r['rule']:16s} {r['image_size']:4d}px: error: {r['error'].strip().splitlines()[-1]}")
+            out.append(f"   {r.get('label', r['rule']):32s} {r['image_size']:4d}px: error: "
+                       f"{r['error'].strip().splitlines()[-1]}")
         else:
-            out.append(f"   {r['rule']:16s} {r['image_size']:4d}px: before the first step "
+            out.append(f"   {r.get('label', r['rule']):32s} {r['image_size']:4d}px: before the first step "
                        f"{_mib(r['rss_before_first_step'])}, peak {_mib(r['peak_rss'])} "
                        f"({'during training' if r['peak_since_build'] else 'whole process, imports included'}), "
                        f"growth {_mib(r['peak_rss'] - r['rss_before_first_step'])}")
@@ -992,6 +1035,9 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     p.add_argument("--no-precision-compare", dest="compare_precision", action="store_false",
                    help="skip timing one rule at the other precision (fp32/bf16) and the other memory layout, "
                    "and clapp++ with the unfused AdamW")
+    p.add_argument("--micro-batch", type=int, default=None,
+                   help="also run every rule micro-batched, this many views per chunk; 0 to skip (default: an "
+                   "eighth of the step's views, 8 at batch 32)")
     p.add_argument("--rss", action="store_true", help="also whole-process peak RSS per rule (one subprocess each)")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and random inputs (default: 0)")
     p.add_argument("--json", action="store_true", help="print the figures as JSON instead of tables")
@@ -1007,7 +1053,9 @@ def bench_main(args: argparse.Namespace) -> int:
         steps=args.steps, warmup=args.warmup, rounds=args.rounds, amp=args.amp, rules=args.rules,
         speed_size=args.speed_size, device=args.device, threads=args.threads, channels_last=args.channels_last,
         speed=args.speed, memory=args.memory, flops=args.flops, augment=args.augment,
-        compare_precision=args.compare_precision, rss=args.rss, seed=args.seed,
+        compare_precision=args.compare_precision, rss=args.rss,
+        micro_batch=max(1, args.batch_size // 4) if args.micro_batch is None else (args.micro_batch or None),
+        seed=args.seed,
         log=lambda msg: print(f"[bench] {msg}", file=sys.stderr, flush=True),
     )
     text = json.dumps(res, indent=2)

@@ -44,7 +44,9 @@ class Rule(nn.Module):
     """Base class of all learning rules.
 
     Subclasses set ``local`` and ``needs_top_context`` and implement
-    ``groups``, ``loss`` and (if they own parameters) ``group_parameters``.
+    ``objective`` (plus ``represent``/``context`` when the loss reads a
+    pooled summary of the block output), and ``groups`` and
+    ``group_parameters`` where the defaults do not fit.
     """
 
     #: True: one group per block, inputs detached; False: end-to-end.
@@ -70,7 +72,32 @@ class Rule(nn.Module):
         return [list(range(self.num_blocks))]
 
     def loss(self, g: int, h: torch.Tensor, top: torch.Tensor | None = None) -> torch.Tensor:
-        """Scalar loss of group ``g`` given its last block's output ``h`` (2B views)."""
+        """Scalar loss of group ``g`` given its last block's output ``h`` (2B views).
+
+        ``top`` is the top block's output (DFB context), when the rule asks for it.
+        """
+        return self.objective(g, self.represent(g, h), None if top is None else self.context(top))
+
+    # A loss is split in two so that the trainer can micro-batch a step
+    # (`train_step(micro_batch=...)`): ``represent`` maps each row of a block
+    # output on its own (pooling), so it can run chunk by chunk; ``objective``
+    # sees the whole batch of these (small) representations, where the
+    # negatives and contexts of other rows live.
+
+    def represent(self, g: int, h: torch.Tensor) -> torch.Tensor:
+        """What group ``g``'s loss reads of its output ``h``, computed row by row.
+
+        Row i of the result must depend on row i of ``h`` only, and on no
+        trainable parameter of the rule. Default: ``h`` itself.
+        """
+        return h
+
+    def context(self, top: torch.Tensor) -> torch.Tensor:
+        """What the loss reads of the top block's output (rules with ``needs_top_context``); row by row."""
+        return top
+
+    def objective(self, g: int, z: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """Scalar loss of group ``g`` from the batch's representations ``z`` (and top ``context``)."""
         raise NotImplementedError
 
     def group_parameters(self, g: int) -> list[nn.Parameter]:

@@ -25,8 +25,11 @@ class BPInfoNCE(Rule):
         c = int(self.feature_shapes[-1][0])
         self.projection = nn.Linear(c, options.proj_dim, bias=False)
 
-    def loss(self, g: int, h: torch.Tensor, top: torch.Tensor | None = None) -> torch.Tensor:
-        p = self.projection(spatial_pool(h, 1))
+    def represent(self, g: int, h: torch.Tensor) -> torch.Tensor:
+        return spatial_pool(h, 1)
+
+    def objective(self, g: int, z: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        p = self.projection(z)
         n = p.shape[0] // 2
         return info_nce(p[:n], p[n:], self.options.temperature)
 

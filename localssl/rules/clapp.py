@@ -80,7 +80,7 @@ class CLAPPPlusPlus(Rule):
         if context not in ("same", "top", "both"):
             raise ValueError(f"unknown context {context!r}; valid: same, top, both")
         CONTRASTIVE_F.get(options.f)  # fail early on an unknown f
-        self.context = context
+        self.context_source = context  # same, top or both
         self.needs_top_context = context in ("top", "both")
         n = self.num_blocks
         if spatial:
@@ -105,16 +105,21 @@ class CLAPPPlusPlus(Rule):
         pen = sum((m[g].l2() for m in (self.same, self.top) if len(m)), torch.zeros(()))
         return self.options.b_l2 * pen
 
-    def loss(self, g: int, h: torch.Tensor, top: torch.Tensor | None = None) -> torch.Tensor:
-        z = spatial_pool(h, self.grids[g])
+    def represent(self, g: int, h: torch.Tensor) -> torch.Tensor:
+        return spatial_pool(h, self.grids[g])
+
+    def context(self, top: torch.Tensor) -> torch.Tensor:
+        return spatial_pool(top, self.grids[-1])
+
+    def objective(self, g: int, z: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         loss = z.new_zeros((), dtype=torch.float32)
         if len(self.same):
             c = swap_views(z).detach()
             loss = loss + contrastive_loss(z, self.same[g](c), self.options.f)
         if len(self.top):
-            if top is None:
+            if context is None:
                 raise ValueError("this rule needs the top block's output as context")
-            c_top = swap_views(spatial_pool(top, self.grids[-1])).detach()
+            c_top = swap_views(context).detach()
             loss = loss + contrastive_loss(z, self.top[g](c_top), self.options.f)
         if self.options.b_l2 > 0:
             loss = loss + self._penalty(g).to(loss.device)
@@ -136,8 +141,10 @@ class BPCLAPPPlusPlus(Rule):
         d = _pooled_dim(self.feature_shapes[-1], 1)
         self.head = Feedback(d, d, options.feedback)
 
-    def loss(self, g: int, h: torch.Tensor, top: torch.Tensor | None = None) -> torch.Tensor:
-        z = spatial_pool(h, 1)
+    def represent(self, g: int, h: torch.Tensor) -> torch.Tensor:
+        return spatial_pool(h, 1)
+
+    def objective(self, g: int, z: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         loss = contrastive_loss(z, self.head(swap_views(z).detach()), self.options.f)
         if self.options.b_l2 > 0:
             loss = loss + self.options.b_l2 * self.head.l2().to(loss.device)
