@@ -41,9 +41,15 @@ def _vgg(name: str, width: float, in_channels: int) -> BlockEncoder:
     c_in = in_channels
     for c, pool in VGG_CONFIGS[name]:
         c_out = max(1, int(round(c * width)))
-        layers: list[nn.Module] = [nn.Conv2d(c_in, c_out, 3, padding=1, bias=True), nn.ReLU(inplace=False)]
+        layers: list[nn.Module] = [nn.Conv2d(c_in, c_out, 3, padding=1, bias=True)]
+        # relu(maxpool(x)) == maxpool(relu(x)) exactly (max commutes with a
+        # non-decreasing map), so the max-pool goes first: the ReLU and its
+        # backward then touch a 4x smaller map. On the CPU benchmark that made
+        # a local step ~13% faster (BP's ~3%); the gradients differ only where
+        # a 2x2 window has ties.
         if pool:
             layers.append(nn.MaxPool2d(2))
+        layers.append(nn.ReLU(inplace=False))
         blocks.append(nn.Sequential(*layers))
         c_in = c_out
     return BlockEncoder(blocks, name=name)
