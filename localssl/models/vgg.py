@@ -44,9 +44,9 @@ def _vgg(name: str, width: float, in_channels: int) -> BlockEncoder:
         layers: list[nn.Module] = [nn.Conv2d(c_in, c_out, 3, padding=1, bias=True)]
         # relu(maxpool(x)) == maxpool(relu(x)) exactly (max commutes with a
         # non-decreasing map), so the max-pool goes first: the ReLU and its
-        # backward then touch a 4x smaller map. On the CPU benchmark that made
-        # a local step ~13% faster (BP's ~3%); the gradients differ only where
-        # a 2x2 window has ties.
+        # backward then touch a 4x smaller map, which matters most to the
+        # local step (README, benchmark); the gradients differ only where a
+        # 2x2 window has positive ties.
         if pool:
             layers.append(nn.MaxPool2d(2))
         layers.append(nn.ReLU(inplace=False))
