@@ -81,7 +81,8 @@ def train_step(
     With ``optimizers=None`` only the gradients are computed (they are left in
     ``.grad``), which is what gradient-alignment analysis and tests need.
     ``micro_batch`` (views per chunk) trades one more forward pass for
-    activation memory: see `_micro_batched_step`.
+    activation memory: see `_micro_batched_step`; a chunk as large as the
+    batch is the plain step.
     """
     if micro_batch is not None and micro_batch < views.shape[0]:
         return _micro_batched_step(encoder, rule, optimizers, views, device, amp_dtype, micro_batch)
