@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The README's first CIFAR-10 accuracy figure: the same encoder (VGG-6, width
-# 0.25), data and budget (STEPS steps of 32 images; 3125 = 2 epochs) for CLAPP++, CLAPP++
+# 0.25), data and budget (STEPS steps of 32 images; 9375 = 6 epochs) for CLAPP++, CLAPP++
 # without spatial dependence and BP-InfoNCE, then the same probes on each and
 # on a random-init encoder of the same shape.
 # Usage: bash scripts/cifar10_figure.sh [OUT]; env STEPS, DATA, PAPER_EPOCHS.
@@ -10,7 +10,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-runs/cifar10}
 DATA=${DATA:-../shared/data}
-STEPS=${STEPS:-3125}
+STEPS=${STEPS:-9375}
 PAPER_EPOCHS=${PAPER_EPOCHS:-3}
 PAPER_TRAIN=${PAPER_TRAIN:-10000}  # the paper protocol re-encodes every epoch: a train subset keeps it in minutes
 L=.venv/bin/localssl
