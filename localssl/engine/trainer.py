@@ -86,11 +86,7 @@ def train_step(
     """
     if micro_batch is not None and micro_batch < views.shape[0]:
         return _micro_batched_step(encoder, rule, optimizers, views, device, amp_dtype, micro_batch)
-    dev = device or views.device
-
-    def ctx():
-        return autocast(dev, amp_dtype)
-
+    ctx = _amp(views, device, amp_dtype)
     top = None
     if rule.needs_top_context:
         # DFB context: the other view's top-layer output, with no gradient.
@@ -115,6 +111,12 @@ def train_step(
         losses.append(loss.detach())
         del out, loss
     return losses
+
+
+def _amp(views: torch.Tensor, device: torch.device | None, amp_dtype: torch.dtype | None):
+    """A factory of the step's autocast context (a fresh one per ``with``)."""
+    dev = device or views.device
+    return lambda: autocast(dev, amp_dtype)
 
 
 def _check_finite(loss: torch.Tensor, g: int, blocks: Sequence[int]) -> None:
@@ -149,7 +151,7 @@ def _micro_batched_step(
       3. every chunk again, block by block with a graph one chunk deep,
          back-propagating dL/dz[chunk] into the block's weights.
     The weight gradient is a sum over rows, so this equals the plain step's
-    gradient up to float rounding (tests/test_trainer.py checks it for every
+    gradient up to float rounding (tests/test_rules.py checks it for every
     rule), at the cost of one more forward pass. Peak saved activations drop
     from one block at the full batch to one block at ``micro_batch`` views.
     The same holds for an end-to-end rule (its single group is the whole
@@ -161,11 +163,7 @@ def _micro_batched_step(
             f"micro-batching needs blocks that map each row on its own; {', '.join(coupled)} use batch "
             "statistics (BatchNorm): set micro_batch to None or use an encoder without them"
         )
-    dev = device or views.device
-
-    def ctx():
-        return autocast(dev, amp_dtype)
-
+    ctx = _amp(views, device, amp_dtype)
     groups = rule.groups()
     chunks = views.split(micro_batch)
     # 1. Representations (and the DFB context) of the whole batch, chunk by chunk.
@@ -293,9 +291,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         default_grids(cfg.encoder, len(encoder)) if cfg.rule in SPATIAL_RULES else None)
     rule = build_rule(cfg.rule, shapes, rule_options(cfg, grids))
     mf = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    if cfg.micro_batch is not None and _batch_coupling_modules(encoder):
-        raise ConfigError(f"micro_batch needs an encoder without BatchNorm; {cfg.encoder} has "
-                          f"{', '.join(_batch_coupling_modules(encoder))}")
+    coupled = _batch_coupling_modules(encoder) if cfg.micro_batch is not None else []
+    if coupled:  # train_step would refuse it too; say so before any data is touched
+        raise ConfigError(f"micro_batch needs an encoder without BatchNorm; {cfg.encoder} has {', '.join(coupled)}")
     encoder.to(device, memory_format=mf)
     rule.to(device)
     optimizers = build_optimizers(encoder, rule, cfg.lr, cfg.weight_decay)

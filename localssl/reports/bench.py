@@ -587,7 +587,7 @@ def run_bench(
     if rss:
         result["rss"] = []
         for s in image_sizes:
-            for r, mb in _memory_variants(rules, micro_batch):
+            for r, mb in _rule_variants(rules, micro_batch):
                 label = _variant_label(r, mb)
                 log(f"peak RSS: {label} at {s}px (subprocess)")
                 try:
@@ -600,8 +600,8 @@ def run_bench(
     return result
 
 
-def _memory_variants(rules: Sequence[str], micro_batch: int | None) -> list[tuple[str, int | None]]:
-    """Every rule with the plain step, then (if asked) every rule micro-batched."""
+def _rule_variants(rules: Sequence[str], micro_batch: int | None) -> list[tuple[str, int | None]]:
+    """Every rule with the plain step, then (if asked) every rule micro-batched: the rows of every table."""
     return [(r, None) for r in rules] + ([(r, micro_batch) for r in rules] if micro_batch else [])
 
 
@@ -640,12 +640,9 @@ def _speed(rules, encoder, width, size, batch_size, steps, warmup, rounds, dev, 
            do_train, do_augment, compare_precision, micro_batch, seed, log) -> dict[str, Any]:
     variants: list[dict[str, Any]] = []
     if do_train:
-        for r in rules:
-            variants.append({"rule": r, "amp": amp_dtype, "channels_last": channels_last, "main": True})
-        if micro_batch:
-            for r in rules:
-                variants.append({"rule": r, "amp": amp_dtype, "channels_last": channels_last, "main": False,
-                                 "micro_batch": micro_batch})
+        for r, mb in _rule_variants(rules, micro_batch):
+            variants.append({"rule": r, "amp": amp_dtype, "channels_last": channels_last, "main": mb is None,
+                             "micro_batch": mb})
         if compare_precision:
             ref = "clapp++global" if "clapp++global" in rules else rules[0]
             other = None if amp_dtype is not None else torch.bfloat16
@@ -786,7 +783,7 @@ def _memory(rules, encoder, width, size, batch_size, dev, amp_dtype, channels_la
         },
         "rules": {},
     }
-    for r, mb in _memory_variants(rules, micro_batch):
+    for r, mb in _rule_variants(rules, micro_batch):
         label = _variant_label(r, mb)
         log(f"memory: {label} at {size}px")
         try:
