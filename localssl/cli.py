@@ -36,6 +36,8 @@ _HELP = {
     "for one more forward pass",
     "amp": "auto (bf16 where the hardware has native bf16), bf16, or off",
     "checkpoint_every": "write the checkpoint every N steps (atomically)",
+    "retain_freed_memory": "keep freed memory for the next block instead of returning it to the OS "
+    "(glibc; saves page faults, changes no result)",
     "random_init": "probe an untrained encoder of the same shape instead",
     "protocols": "fast (features once, linear), paper (METHODS 2.5, augmented), knn",
     "epochs_paper": "epochs of the paper-protocol probe (the paper uses 300)",

@@ -59,6 +59,7 @@ class TrainConfig:
     channels_last: bool = True
     deterministic: bool = False
     threads: int | None = None
+    retain_freed_memory: bool = True  # glibc: keep freed pages for the next block (engine.runtime)
     # bookkeeping
     out: str = "runs/run"
     checkpoint_every: int = 500

@@ -183,6 +183,23 @@ def test_spatial_pool_rejects_grid_that_does_not_divide():
         spatial_pool(torch.zeros(2, 3, 8, 6), 4)  # divides H but not W
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("grid", [1, 2, 4])
+def test_spatial_pool_gradient_equals_avg_pool2d(grid, channels_last):
+    """The hand-written backward (a broadcast view for global pooling) gives avg_pool2d's gradient
+    bitwise, also through the ReLU under it, and a gradient a channels_last conv can take."""
+    mf = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(3, 5, 8, 8, dtype=torch.float64).to(memory_format=mf)
+    up = torch.randn(3, 5 * grid * grid, dtype=torch.float64)
+    grads = []
+    for pool in (lambda h: spatial_pool(h, grid), lambda h: F.avg_pool2d(h, 8 // grid).flatten(1)):
+        xi = x.clone().requires_grad_(True)
+        (pool(torch.relu(xi)) * up).sum().backward()
+        grads.append(xi.grad)
+    assert torch.equal(grads[0], grads[1])
+    assert grads[0].is_contiguous(memory_format=mf)
+
+
 def test_spatial_pool_passes_vectors_through():
     v = torch.randn(4, 9)
     assert spatial_pool(v, 1) is v

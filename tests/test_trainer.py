@@ -156,3 +156,66 @@ def test_micro_batch_reaches_the_step_and_may_change_on_resume(tmp_path, monkeyp
 def test_micro_batch_must_be_positive(tmp_path):
     with pytest.raises(ConfigError, match="micro_batch"):
         train(tiny_cfg(tmp_path, micro_batch=0))
+
+
+_CHURN = """
+import ctypes, json, resource, torch
+from localssl.engine.runtime import allocator_state, retain_freed_memory
+
+def faults():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+def churn(n=8):
+    # One block's life in a local step: its output and a same-size gradient (16 MiB each) are
+    # freed together, then the next, smaller block allocates.
+    f = faults()
+    for _ in range(n):
+        a, b, c = torch.ones(4 << 20), torch.ones(4 << 20), torch.ones(1 << 20)
+        del a, b
+        d = torch.ones(1 << 20)
+        del c, d
+    return (faults() - f) / n
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(k, ctypes.c_size_t) for k in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                 "keepcost")]
+
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = MallInfo2
+applied = retain_freed_memory()
+churn()
+mmapped = libc.mallinfo2().hblkhd
+big = torch.ones(6 << 20)  # 24 MiB: below the new mmap threshold, so from the heap
+from_heap = libc.mallinfo2().hblkhd == mmapped
+del big
+print(json.dumps({"after": churn(), "from_heap": from_heap, "applied": applied, "state": allocator_state()}))
+"""
+
+
+def test_retain_freed_memory_keeps_freed_blocks_mapped():
+    """After `retain_freed_memory`, buffers up to 32 MiB come from the heap and a local step's
+    alloc/free churn touches no new page (glibc's defaults may hand the pages back between blocks,
+    depending on the heap's layout: `localssl bench` counts the faults per step both ways)."""
+    import platform
+    import subprocess
+    import sys
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        pytest.skip("mallopt tuning applies to glibc only")
+    out = subprocess.run([sys.executable, "-c", _CHURN], capture_output=True, text=True, check=True)
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert res["applied"] and res["state"].startswith("glibc, freed memory retained")
+    assert res["from_heap"]
+    assert res["after"] < 9216 / 10  # a round touches 36 MiB = 9216 pages
+
+
+def test_retain_freed_memory_is_a_resumable_option(tmp_path, monkeypatch):
+    """`train` applies it when asked, records the allocator with the run, and --resume may change it."""
+    calls = []
+    monkeypatch.setattr(trainer_mod, "retain_freed_memory", lambda: calls.append(1) or True)
+    train(tiny_cfg(tmp_path, max_steps=1, retain_freed_memory=False))
+    assert calls == []
+    run = train(tiny_cfg(tmp_path, max_steps=2, retain_freed_memory=True), resume=True)
+    assert calls == [1]
+    assert "allocator" in load_checkpoint(run / CHECKPOINT)["env"]

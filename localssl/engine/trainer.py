@@ -34,6 +34,7 @@ from localssl.engine.runtime import (
     environment_info,
     resolve_amp,
     resolve_device,
+    retain_freed_memory,
     seed_everything,
     set_deterministic,
 )
@@ -48,7 +49,7 @@ class NonFiniteLossError(RuntimeError):
 # Options that may change when a run is resumed; anything else must match.
 # micro_batch changes memory and time, not the gradient.
 RESUMABLE_CHANGES = {"epochs", "max_steps", "micro_batch", "progress", "checkpoint_every", "log_every", "device",
-                     "threads", "out"}
+                     "threads", "retain_freed_memory", "out"}
 
 
 def _fused_ok(params: list[torch.nn.Parameter]) -> bool:
@@ -279,6 +280,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    if cfg.retain_freed_memory:
+        retain_freed_memory()
     set_deterministic(cfg.deterministic)
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)

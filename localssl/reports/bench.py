@@ -61,7 +61,14 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
-from localssl.engine.runtime import autocast, cpu_supports_bf16, environment_info, resolve_amp, resolve_device
+from localssl.engine.runtime import (
+    autocast,
+    cpu_supports_bf16,
+    environment_info,
+    resolve_amp,
+    resolve_device,
+    retain_freed_memory,
+)
 from localssl.models import BlockEncoder, build_encoder, default_grids
 from localssl.rules import SPATIAL_RULES, Rule, RuleOptions, build_rule
 
@@ -159,6 +166,15 @@ def _random_views(batch_size: int, image_size: int, device: torch.device, channe
     g = torch.Generator().manual_seed(seed)
     v = torch.randn(2 * batch_size, 3, image_size, image_size, generator=g).to(device)
     return v.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def _minor_faults() -> int | None:
+    """Minor page faults of this process so far (None where `resource` is missing, e.g. Windows)."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def _sync(device: torch.device) -> None:
@@ -454,6 +470,8 @@ def _rss_child() -> None:
 
     if cfg["threads"]:
         torch.set_num_threads(cfg["threads"])
+    if cfg.get("retain_memory"):
+        retain_freed_memory()
     device = torch.device(cfg["device"])
     amp_dtype = getattr(torch, cfg["amp"]) if cfg["amp"] else None
     st = _build(cfg["rule"], cfg["encoder"], cfg["width"], cfg["image_size"], device, amp_dtype,
@@ -474,12 +492,13 @@ def _rss_child() -> None:
 
 def peak_rss(rule: str, encoder: str, width: float, image_size: int, batch_size: int, steps: int,
              device: torch.device, amp_dtype: torch.dtype | None, channels_last: bool, threads: int | None,
-             seed: int, micro_batch: int | None = None) -> dict[str, int]:
+             seed: int, micro_batch: int | None = None, retain_memory: bool = True) -> dict[str, int]:
     """Whole-process peak RSS of ``steps`` training steps of one rule, in a fresh interpreter."""
     cfg = {"rule": rule, "encoder": encoder, "width": width, "image_size": image_size,
            "batch_size": batch_size, "steps": steps, "device": str(device),
            "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else None,
-           "channels_last": channels_last, "threads": threads, "seed": seed, "micro_batch": micro_batch}
+           "channels_last": channels_last, "threads": threads, "seed": seed, "micro_batch": micro_batch,
+           "retain_memory": retain_memory}
     root = str(Path(__file__).resolve().parents[2])
     env = dict(os.environ)
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
@@ -523,6 +542,7 @@ def run_bench(
     compare_precision: bool = True,
     rss: bool = False,
     micro_batch: int | None = None,
+    retain_memory: bool = True,
     seed: int = 0,
     log: Log | None = None,
 ) -> dict[str, Any]:
@@ -536,6 +556,8 @@ def run_bench(
     kernel saves on its 12.6M B parameters. ``micro_batch`` (views per chunk;
     None to skip) adds every rule once more with the micro-batched step
     (`train_step(micro_batch=...)`) to the speed, memory and RSS figures.
+    ``retain_memory`` sets the allocator as `localssl train` does
+    (`retain_freed_memory`, in this process and in the RSS subprocesses).
     """
     log = log or (lambda msg: None)
     rules = list(rules)
@@ -552,6 +574,8 @@ def run_bench(
     speed_size = int(speed_size if speed_size is not None else image_sizes[0])
     if threads:
         torch.set_num_threads(threads)
+    if retain_memory:
+        retain_freed_memory()
     dev = resolve_device(device)
     amp_dtype = resolve_amp(amp, dev)
     build_encoder(encoder, width)  # unknown encoder names fail here, before any work
@@ -592,7 +616,7 @@ def run_bench(
                 log(f"peak RSS: {label} at {s}px (subprocess)")
                 try:
                     d = peak_rss(r, encoder, width, s, batch_size, max(1, warmup + 1), dev, amp_dtype,
-                                 channels_last, threads, seed, mb)
+                                 channels_last, threads, seed, mb, retain_memory)
                 except RuntimeError as e:
                     d = {"error": str(e)}
                 result["rss"].append({"rule": r, "label": label, "micro_batch": mb, "image_size": s, **d})
@@ -701,12 +725,16 @@ def _speed(rules, encoder, width, size, batch_size, steps, warmup, rounds, dev, 
         time_it(lambda: aug(x_uint8), max(1, warmup))
     samples: dict[str, list[float]] = {v["label"]: [] for v, _ in live}
     opt_share: dict[str, list[float]] = {v["label"]: [] for v, _ in live}
+    faults: dict[str, int | None] = {v["label"]: 0 for v, _ in live}
     aug_samples: list[float] = []
     for r in range(rounds):
         log(f"speed: round {r + 1}/{rounds}")
         for v, st in live:
             opt_time[v["label"]][0] = 0.0
+            f0 = _minor_faults()
             t = time_it(lambda st=st, v=v: st.step(views[v["channels_last"]]), steps)
+            f1 = _minor_faults()
+            faults[v["label"]] = None if f0 is None or f1 is None else faults[v["label"]] + f1 - f0
             samples[v["label"]].append(batch_size * steps / t)
             opt_share[v["label"]].append(opt_time[v["label"]][0] / t)
         if aug is not None:
@@ -725,6 +753,8 @@ def _speed(rules, encoder, width, size, batch_size, steps, warmup, rounds, dev, 
             med = _median(s)
             row.update({"images_per_s": med, "rounds": s, "spread": (max(s) - min(s)) / med if med else None,
                         "step_ms": 1000 * batch_size / med, "optimizer_share": _median(opt_share[v["label"]])})
+            f = faults[v["label"]]
+            row["page_faults_per_step"] = None if f is None else f / (rounds * steps)
         rows.append(row)
     base = next((r for r in rows if r["main"] and r["rule"] == BASELINE and "images_per_s" in r), None)
     for row in rows:
@@ -860,6 +890,7 @@ def format_report(res: dict[str, Any]) -> str:
         f"{'channels_last' if c['channels_last'] else 'contiguous'}",
         f"  image sizes: speed/FLOPs {c['speed_size']}px, memory {', '.join(f'{s}px' for s in c['image_sizes'])}; "
         f"{c['rounds']} rounds x {c['steps']} steps (+{c['warmup']} warm-up), rules interleaved, median",
+        f"  allocator: {env.get('allocator', 'default')}",
         f"  load average (1, 5, 15 min) before / after: {res.get('load_average_before')} / "
         f"{res.get('load_average_after')}",
     ]
@@ -873,14 +904,18 @@ def format_report(res: dict[str, Any]) -> str:
                 errors.append(f"   {r['label']}: not run: {r['error']}")
                 continue
             tgt = r.get("target_vs_bp")
+            pf = r.get("page_faults_per_step")
             rows.append([r["label"], f"{r['images_per_s']:.1f}", f"{r['spread']:.0%}", f"{r['step_ms']:.0f}",
-                         f"{r['optimizer_share']:.0%}", f"{r['vs_bp']:.2f}x" if "vs_bp" in r else "-",
-                         f">= {tgt}x" if tgt else "", _mark(r.get("meets_target"))])
-        out.append(_table(["rule", "img/s", "spread", "ms/step", "in AdamW", f"vs {BASELINE}", "target", "met"],
-                          rows))
+                         f"{r['optimizer_share']:.0%}", "-" if pf is None else f"{pf:.0f}",
+                         f"{r['vs_bp']:.2f}x" if "vs_bp" in r else "-", f">= {tgt}x" if tgt else "",
+                         _mark(r.get("meets_target"))])
+        out.append(_table(["rule", "img/s", "spread", "ms/step", "in AdamW", "faults/step", f"vs {BASELINE}",
+                           "target", "met"], rows))
         out += errors
-        out.append("   in AdamW = share of the step inside optimizer.step(); [unfused AdamW] = the same rule with "
-                   "torch's for-each AdamW instead of the fused kernel that `train` uses (a what-if).")
+        out.append("   in AdamW = share of the step inside optimizer.step(); faults/step = minor page faults of the "
+                   "process per timed step (memory the allocator handed back and touched again); [unfused AdamW] = "
+                   "the same rule with torch's for-each AdamW instead of the fused kernel that `train` uses "
+                   "(a what-if).")
         worst = max((r["spread"] for r in sp["rules"] if r.get("spread") is not None), default=0.0)
         if worst > NOISY_SPREAD:
             out.append(f"   WARNING: noisy timings (spread up to {worst:.0%}; load average "
@@ -1036,6 +1071,9 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
                    help="also run every rule micro-batched, this many views per chunk; 0 to skip (default: an "
                    "eighth of the step's views, 8 at batch 32)")
     p.add_argument("--rss", action="store_true", help="also whole-process peak RSS per rule (one subprocess each)")
+    p.add_argument("--no-retain-memory", dest="retain_memory", action="store_false",
+                   help="leave glibc's allocator at its defaults (`train` keeps freed memory for reuse: "
+                        "--retain-freed-memory)")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and random inputs (default: 0)")
     p.add_argument("--json", action="store_true", help="print the figures as JSON instead of tables")
     p.add_argument("--out", default=None, help="also write the JSON to this file")
@@ -1050,7 +1088,7 @@ def bench_main(args: argparse.Namespace) -> int:
         steps=args.steps, warmup=args.warmup, rounds=args.rounds, amp=args.amp, rules=args.rules,
         speed_size=args.speed_size, device=args.device, threads=args.threads, channels_last=args.channels_last,
         speed=args.speed, memory=args.memory, flops=args.flops, augment=args.augment,
-        compare_precision=args.compare_precision, rss=args.rss,
+        compare_precision=args.compare_precision, rss=args.rss, retain_memory=args.retain_memory,
         micro_batch=max(1, args.batch_size // 4) if args.micro_batch is None else (args.micro_batch or None),
         seed=args.seed,
         log=lambda msg: print(f"[bench] {msg}", file=sys.stderr, flush=True),

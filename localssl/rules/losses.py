@@ -111,6 +111,11 @@ class _BlockMean(torch.autograd.Function):
         (n, c, H, W), kh, kw, channels_last = ctx.meta
         gh, gw = H // kh, W // kw
         g = g / (kh * kw)
+        if gh == 1 and gw == 1:
+            # Global pooling: a broadcast view (stride 0 over H, W) is enough.
+            # The next backward op (the block's ReLU, or a conv) reads it as
+            # it is, so no full-size map is written here.
+            return g.expand(n, c, H, W), None, None
         if channels_last:
             gi = g.permute(0, 2, 3, 1)[:, :, None, :, None, :].expand(n, gh, kh, gw, kw, c)
             gi = gi.reshape(n, H, W, c).permute(0, 3, 1, 2)
