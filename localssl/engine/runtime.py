@@ -74,18 +74,19 @@ def retain_freed_memory() -> bool:
     """Keep freed heap memory in the process for reuse (glibc); True where applied.
 
     Block-by-block training frees one block's activations and allocates the
-    next block's straight after. With glibc's defaults, a free that leaves
-    more than the trim threshold (twice the adaptive mmap threshold, so 32 MiB
-    here) at the top of the heap hands the pages back to the kernel, and the
-    next allocation of the same size page-faults them in again as zeroed
-    pages. On the 2-core VM of the README that is about 9-16k faults per
-    local step at width 0.25 and 32 px (`localssl bench` counts them per
-    rule) and costs the local rule several milliseconds a step; BP, which
-    frees everything only at the end of its backward, barely faults. Setting
-    both thresholds (which also turns off glibc's adaptive threshold) keeps
-    the pages: allocations up to 32 MiB come from the heap and freed memory
-    stays mapped up to 1 GiB. It changes no number the run computes, and
-    never raises the peak: it only stops returning memory between blocks.
+    next block's straight after. With glibc's defaults (an mmap threshold
+    that adapts to the largest freed buffer, and a trim threshold of twice
+    that), a free that leaves enough memory at the top of the heap hands the
+    pages back to the kernel, and the next allocation page-faults them in
+    again as fresh zeroed pages, inside the op that touches them first.
+    `localssl bench` counts the faults per step of every rule
+    (``--no-retain-memory`` shows the defaults; README, benchmark). Setting
+    both thresholds (which also turns off the adaptation) keeps the pages:
+    buffers up to 32 MiB (glibc's ceiling for this parameter) come from the
+    heap, and up to 1 GiB of freed memory stays mapped for reuse. Larger
+    buffers are still mapped and unmapped one by one. It changes no number
+    the run computes; freed memory is no longer returned to the system while
+    the process runs, which can raise the peak RSS somewhat (bench ``--rss``).
     Elsewhere (macOS, musl, Windows) this does nothing and returns False.
     """
     global _allocator_state
