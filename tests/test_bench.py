@@ -15,6 +15,7 @@ from torch import nn
 from localssl.reports.bench import (
     BASELINE,
     FLOP_PARTS,
+    TIME_PARTS,
     SavedBytesTracker,
     add_bench_parser,
     bench_main,
@@ -67,6 +68,21 @@ def test_structure_and_report(res):
     text = format_report(res)
     for needle in ("clapp++global", BASELINE, "floor", "GFLOP", "p+g+opt", "torch"):
         assert needle in text
+
+
+def test_time_breakdown_sees_no_input_gradient_in_local_steps(res):
+    """Every conv backward of a local step computes the weight gradient only (no gradient crosses a
+    block, so none is asked of a block's input); BP computes the input gradient at every layer but
+    the first."""
+    tb = res["time_breakdown"]["rules"]
+    assert set(tb) == {*LOCAL, BASELINE}
+    for rule in LOCAL:
+        assert tb[rule]["conv_dw_dx"] == 0.0 and tb[rule]["conv_dw"] > 0
+    assert tb[BASELINE]["conv_dw_dx"] > 0 and tb[BASELINE]["conv_dw"] > 0
+    for d in tb.values():
+        assert d["conv_fwd"] > 0 and d["optimizer"] > 0 and d["outside_ops"] >= 0
+        assert d["total"] == pytest.approx(sum(d[p] for p in TIME_PARTS))
+    assert "Where a step's time goes" in format_report(res)
 
 
 def test_floor_by_hand(res):

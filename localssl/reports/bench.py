@@ -38,6 +38,12 @@ Everything is measured in one process on the same encoder, batch and inputs
    parameters forward/backward, the loss), counted with the formulas of
    `torch.utils.flop_counter` (2 FLOPs per multiply-add; conv and matmul only:
    ReLU, pooling, the hinge and AdamW are elementwise and not counted).
+6. Where a step's time goes: every op of a few steps per rule timed on its
+   own (a `TorchDispatchMode`) and summed by family: conv forward, conv
+   backward with the weight gradient only or with the input gradient too,
+   matmul, pooling, ReLU, fill/copy, AdamW, other ops, and the time outside
+   ops. It shows what the FLOP table cannot: how much of the step is not
+   convolution at all.
 """
 from __future__ import annotations
 
@@ -541,6 +547,7 @@ def run_bench(
     augment: bool = True,
     compare_precision: bool = True,
     rss: bool = False,
+    breakdown: bool = True,
     micro_batch: int | None = None,
     retain_memory: bool = True,
     seed: int = 0,
@@ -556,6 +563,8 @@ def run_bench(
     kernel saves on its 12.6M B parameters. ``micro_batch`` (views per chunk;
     None to skip) adds every rule once more with the micro-batched step
     (`train_step(micro_batch=...)`) to the speed, memory and RSS figures.
+    ``breakdown`` times every op of a few steps per rule, by family (conv
+    forward, conv weight / weight+input gradient, pooling, ReLU, AdamW, ...).
     ``retain_memory`` sets the allocator as `localssl train` does
     (`retain_freed_memory`, in this process and in the RSS subprocesses).
     """
@@ -600,6 +609,9 @@ def run_bench(
         result["speed"] = _speed(rules, encoder, width, speed_size, batch_size, steps, warmup, rounds, dev,
                                  amp_dtype, channels_last, speed, augment, compare_precision, micro_batch, seed,
                                  log)
+    if breakdown:
+        result["time_breakdown"] = _breakdown(rules, encoder, width, speed_size, batch_size, steps, warmup, dev,
+                                              amp_dtype, channels_last, seed, log)
     if flops:
         result["flops"] = _flops(rules, encoder, width, speed_size, batch_size, dev, amp_dtype, channels_last,
                                  seed, log)
@@ -658,6 +670,95 @@ def _time_optimizers(state: _State, dev: torch.device) -> list[float]:
         opt.register_step_pre_hook(pre)
         opt.register_step_post_hook(post)
     return acc
+
+
+# Op families of the time breakdown, in table order. A convolution's backward
+# is one op; whether it also computes the input gradient is its output_mask[0].
+TIME_PARTS = ("conv_fwd", "conv_dw", "conv_dw_dx", "matmul", "pool", "relu", "fill_copy", "optimizer", "other_ops",
+              "outside_ops")
+_TIME_LABELS = {"conv_fwd": "conv fwd", "conv_dw": "conv dW", "conv_dw_dx": "conv dW+dX", "matmul": "matmul",
+                "pool": "pool", "relu": "ReLU", "fill_copy": "fill/copy", "optimizer": "AdamW",
+                "other_ops": "other ops", "outside_ops": "outside ops"}
+_OP_FAMILIES = {
+    "convolution": "conv_fwd", "mm": "matmul", "addmm": "matmul", "bmm": "matmul", "linear": "matmul",
+    "max_pool2d_with_indices": "pool", "max_pool2d_with_indices_backward": "pool", "avg_pool2d": "pool",
+    "avg_pool2d_backward": "pool", "relu": "relu", "relu_": "relu", "threshold_backward": "relu",
+    "clamp_min": "relu", "fill_": "fill_copy", "zero_": "fill_copy", "zeros_like": "fill_copy",
+    "new_zeros": "fill_copy", "copy_": "fill_copy", "clone": "fill_copy", "_to_copy": "fill_copy",
+}
+
+
+def _time_breakdown(state: _State, views: torch.Tensor, steps: int, dev: torch.device) -> dict[str, float]:
+    """Seconds per step by op family: every aten op of ``steps`` steps timed on its own.
+
+    A `TorchDispatchMode` sees each op below autograd (forward and backward
+    alike) and times it, with a device sync after it on CUDA; ops inside an
+    optimizer's ``step`` count as ``optimizer``. ``outside_ops`` is the
+    step's wall time minus its ops: Python, autograd bookkeeping and this
+    timing's own overhead, so the breakdown's total exceeds table 1's step.
+    """
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    acc = dict.fromkeys(TIME_PARTS, 0.0)
+    in_opt = [False]
+
+    def pre(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        in_opt[0] = True
+
+    def post(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        in_opt[0] = False
+
+    handles = [h for opt in state.optimizers
+               for h in (opt.register_step_pre_hook(pre), opt.register_step_post_hook(post))]
+
+    class _Timer(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            t0 = time.perf_counter()
+            out = func(*args, **(kwargs or {}))
+            _sync(dev)
+            name = func.overloadpacket.__name__
+            if in_opt[0]:
+                part = "optimizer"
+            elif name == "convolution_backward":
+                part = "conv_dw_dx" if args[-1][0] else "conv_dw"
+            else:
+                part = _OP_FAMILIES.get(name, "other_ops")
+            acc[part] += time.perf_counter() - t0
+            return out
+
+    try:
+        _sync(dev)
+        t0 = time.perf_counter()
+        with _Timer():
+            for _ in range(steps):
+                state.step(views)
+        _sync(dev)
+        wall = time.perf_counter() - t0
+    finally:
+        for h in handles:
+            h.remove()
+    acc["outside_ops"] = max(0.0, wall - sum(acc.values()))
+    return {k: v / steps for k, v in acc.items()}
+
+
+def _breakdown(rules, encoder, width, size, batch_size, steps, warmup, dev, amp_dtype, channels_last, seed,
+               log) -> dict[str, Any]:
+    views = _random_views(batch_size, size, dev, channels_last, seed)
+    per_rule: dict[str, Any] = {}
+    for r in rules:
+        log(f"time breakdown: {r}")
+        try:
+            st = _build(r, encoder, width, size, dev, amp_dtype, channels_last, seed)
+        except (ValueError, RuntimeError) as e:
+            per_rule[r] = {"error": str(e)}
+            continue
+        for _ in range(max(1, warmup)):
+            st.step(views)
+        d = _time_breakdown(st, views, steps, dev)
+        d["total"] = sum(d.values())
+        d["conv"] = d["conv_fwd"] + d["conv_dw"] + d["conv_dw_dx"]
+        per_rule[r] = d
+    return {"image_size": size, "unit": "seconds per step", "rules": per_rule}
 
 
 def _speed(rules, encoder, width, size, batch_size, steps, warmup, rounds, dev, amp_dtype, channels_last,
@@ -998,7 +1099,36 @@ def format_report(res: dict[str, Any]) -> str:
         out.append(_table(["rule"] + [_FLOP_LABELS[p] for p in parts], rows))
         out += errors
         out += _flop_notes(fl["rules"], c["width"])
+    tb = res.get("time_breakdown")
+    if tb:
+        out += ["", f"6. Where a step's time goes at {tb['image_size']}px (ms per step, each op timed on its own, "
+                    f"{c['steps']} steps per rule; conv dW = weight gradient only, dW+dX = also the input gradient)"]
+        rows, errors = [], []
+        for name, d in tb["rules"].items():
+            if "error" in d:
+                errors.append(f"   {name}: not run: {d['error']}")
+                continue
+            rows.append([name] + [f"{1000 * d[p]:.1f}" for p in (*TIME_PARTS, "total")])
+        out.append(_table(["rule"] + [_TIME_LABELS[p] for p in TIME_PARTS] + ["total"], rows))
+        out += errors
+        out += _breakdown_notes(tb["rules"])
     return "\n".join(out)
+
+
+def _breakdown_notes(per_rule: dict[str, Any]) -> list[str]:
+    notes = ["   outside ops = wall time minus the timed ops (Python, autograd, and this timing's own overhead, "
+             "so totals run above table 1's ms/step)."]
+    bp = per_rule.get(BASELINE)
+    if not bp or "error" in bp:
+        return notes
+    for name, d in per_rule.items():
+        if name == BASELINE or "error" in d:
+            continue
+        rest, rest_bp = d["total"] - d["conv"], bp["total"] - bp["conv"]
+        notes.append(f"   {name} vs {BASELINE}: convolutions {1000 * d['conv']:.1f} vs {1000 * bp['conv']:.1f} ms "
+                     f"({bp['conv'] / d['conv']:.2f}x faster), everything else {1000 * rest:.1f} vs "
+                     f"{1000 * rest_bp:.1f} ms; whole step {bp['total'] / d['total']:.2f}x.")
+    return notes
 
 
 def _flop_notes(per_rule: dict[str, Any], width: float) -> list[str]:
@@ -1063,6 +1193,8 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     p.add_argument("--no-speed", dest="speed", action="store_false", help="skip the training-speed rounds")
     p.add_argument("--no-memory", dest="memory", action="store_false", help="skip the memory tables")
     p.add_argument("--no-flops", dest="flops", action="store_false", help="skip the FLOP table")
+    p.add_argument("--no-breakdown", dest="breakdown", action="store_false",
+                   help="skip the per-op time breakdown (op families, a few steps per rule)")
     p.add_argument("--no-augment", dest="augment", action="store_false", help="skip the augmentation timing")
     p.add_argument("--no-precision-compare", dest="compare_precision", action="store_false",
                    help="skip timing one rule at the other precision (fp32/bf16) and the other memory layout, "
@@ -1089,6 +1221,7 @@ def bench_main(args: argparse.Namespace) -> int:
         speed_size=args.speed_size, device=args.device, threads=args.threads, channels_last=args.channels_last,
         speed=args.speed, memory=args.memory, flops=args.flops, augment=args.augment,
         compare_precision=args.compare_precision, rss=args.rss, retain_memory=args.retain_memory,
+        breakdown=args.breakdown and args.speed,
         micro_batch=max(1, args.batch_size // 4) if args.micro_batch is None else (args.micro_batch or None),
         seed=args.seed,
         log=lambda msg: print(f"[bench] {msg}", file=sys.stderr, flush=True),
