@@ -17,6 +17,7 @@ from localssl.reports.bench import (
     FLOP_PARTS,
     TIME_PARTS,
     SavedBytesTracker,
+    _quartiles,
     add_bench_parser,
     bench_main,
     format_report,
@@ -61,6 +62,9 @@ def test_structure_and_report(res):
         assert r["images_per_s"] > 0 and len(r["rounds"]) == 1
         assert 0 < r["optimizer_share"] < 1 and r["step_ms"] > 0
     assert rows[BASELINE]["vs_bp"] == pytest.approx(1.0)
+    assert rows[BASELINE]["vs_bp_rounds_quartiles"] == pytest.approx([1.0, 1.0])
+    for r in rows.values():  # one round: the per-round ratio is the ratio
+        assert r["vs_bp_rounds_quartiles"] == pytest.approx([r["vs_bp"], r["vs_bp"]])
     assert rows["clapp++global"]["target_vs_bp"] == 1.3 and rows["clapp++"]["target_vs_bp"] == 0.9
     assert res["speed"]["augment"]["images_per_s"] > 0
     assert set(res["speed"]["augment"]["vs_train"]) == {*LOCAL, BASELINE}
@@ -83,6 +87,12 @@ def test_time_breakdown_sees_no_input_gradient_in_local_steps(res):
         assert d["conv_fwd"] > 0 and d["optimizer"] > 0 and d["outside_ops"] >= 0
         assert d["total"] == pytest.approx(sum(d[p] for p in TIME_PARTS))
     assert "Where a step's time goes" in format_report(res)
+
+
+def test_quartiles_of_per_round_ratios():
+    assert _quartiles([11.0, 1.0, 7.0, 2.0, 4.0]) == [2.0, 7.0]
+    assert _quartiles([1.0, 2.0]) == [1.25, 1.75]
+    assert _quartiles([3.0]) == [3.0, 3.0]
 
 
 def test_floor_by_hand(res):

@@ -519,6 +519,14 @@ def peak_rss(rule: str, encoder: str, width: float, image_size: int, batch_size:
 # --------------------------------------------------------------------------- the benchmark
 
 
+def _quartiles(xs: Sequence[float]) -> list[float]:
+    """First and third quartile (inclusive method); a single value is its own quartiles."""
+    if len(xs) < 2:
+        return [xs[0], xs[0]]
+    q = statistics.quantiles(xs, n=4, method="inclusive")
+    return [q[0], q[2]]
+
+
 def _median(xs: Sequence[float]) -> float:
     return float(statistics.median(xs)) if xs else float("nan")
 
@@ -861,6 +869,10 @@ def _speed(rules, encoder, width, size, batch_size, steps, warmup, rounds, dev, 
     for row in rows:
         if base is not None and "images_per_s" in row:
             row["vs_bp"] = row["images_per_s"] / base["images_per_s"]
+            # The same ratio round by round (rules run back to back inside a
+            # round, so a burst of load hits both): its quartiles say how far
+            # the one figure above can be trusted on this machine.
+            row["vs_bp_rounds_quartiles"] = _quartiles([a / b for a, b in zip(row["rounds"], base["rounds"])])
             if row["main"] and row["rule"] in SPEED_TARGETS:
                 row["target_vs_bp"] = SPEED_TARGETS[row["rule"]]
                 row["meets_target"] = row["vs_bp"] >= SPEED_TARGETS[row["rule"]]
@@ -1006,14 +1018,17 @@ def format_report(res: dict[str, Any]) -> str:
                 continue
             tgt = r.get("target_vs_bp")
             pf = r.get("page_faults_per_step")
+            qs = r.get("vs_bp_rounds_quartiles")
             rows.append([r["label"], f"{r['images_per_s']:.1f}", f"{r['spread']:.0%}", f"{r['step_ms']:.0f}",
                          f"{r['optimizer_share']:.0%}", "-" if pf is None else f"{pf:.0f}",
-                         f"{r['vs_bp']:.2f}x" if "vs_bp" in r else "-", f">= {tgt}x" if tgt else "",
+                         f"{r['vs_bp']:.2f}x" if "vs_bp" in r else "-",
+                         f"{qs[0]:.2f}-{qs[1]:.2f}" if qs else "-", f">= {tgt}x" if tgt else "",
                          _mark(r.get("meets_target"))])
         out.append(_table(["rule", "img/s", "spread", "ms/step", "in AdamW", "faults/step", f"vs {BASELINE}",
-                           "target", "met"], rows))
+                           "per-round IQR", "target", "met"], rows))
         out += errors
-        out.append("   in AdamW = share of the step inside optimizer.step(); faults/step = minor page faults of the "
+        out.append("   per-round IQR = quartiles of the same ratio taken round by round (its noise on this machine); "
+                   "in AdamW = share of the step inside optimizer.step(); faults/step = minor page faults of the "
                    "process per timed step (memory the allocator handed back and touched again); [unfused AdamW] = "
                    "the same rule with torch's for-each AdamW instead of the fused kernel that `train` uses "
                    "(a what-if).")
