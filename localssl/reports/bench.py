@@ -618,8 +618,8 @@ def run_bench(
                                  amp_dtype, channels_last, speed, augment, compare_precision, micro_batch, seed,
                                  log)
     if breakdown:
-        result["time_breakdown"] = _breakdown(rules, encoder, width, speed_size, batch_size, steps, warmup, dev,
-                                              amp_dtype, channels_last, seed, log)
+        result["time_breakdown"] = _breakdown(rules, encoder, width, speed_size, batch_size, steps, warmup, rounds,
+                                              dev, amp_dtype, channels_last, seed, log)
     if flops:
         result["flops"] = _flops(rules, encoder, width, speed_size, batch_size, dev, amp_dtype, channels_last,
                                  seed, log)
@@ -749,24 +749,31 @@ def _time_breakdown(state: _State, views: torch.Tensor, steps: int, dev: torch.d
     return {k: v / steps for k, v in acc.items()}
 
 
-def _breakdown(rules, encoder, width, size, batch_size, steps, warmup, dev, amp_dtype, channels_last, seed,
+def _breakdown(rules, encoder, width, size, batch_size, steps, warmup, rounds, dev, amp_dtype, channels_last, seed,
                log) -> dict[str, Any]:
+    """Per rule, the median over interleaved rounds of each op family's time per step."""
     views = _random_views(batch_size, size, dev, channels_last, seed)
     per_rule: dict[str, Any] = {}
+    states = {}
     for r in rules:
-        log(f"time breakdown: {r}")
         try:
-            st = _build(r, encoder, width, size, dev, amp_dtype, channels_last, seed)
+            states[r] = _build(r, encoder, width, size, dev, amp_dtype, channels_last, seed)
         except (ValueError, RuntimeError) as e:
             per_rule[r] = {"error": str(e)}
             continue
         for _ in range(max(1, warmup)):
-            st.step(views)
-        d = _time_breakdown(st, views, steps, dev)
+            states[r].step(views)
+    samples: dict[str, list[dict[str, float]]] = {r: [] for r in states}
+    for i in range(rounds):
+        log(f"time breakdown: round {i + 1}/{rounds}")
+        for r, st in states.items():
+            samples[r].append(_time_breakdown(st, views, steps, dev))
+    for r, runs in samples.items():
+        d = {p: _median([x[p] for x in runs]) for p in TIME_PARTS}
         d["total"] = sum(d.values())
         d["conv"] = d["conv_fwd"] + d["conv_dw"] + d["conv_dw_dx"]
         per_rule[r] = d
-    return {"image_size": size, "unit": "seconds per step", "rules": per_rule}
+    return {"image_size": size, "unit": "seconds per step (median over rounds)", "rules": per_rule}
 
 
 def _speed(rules, encoder, width, size, batch_size, steps, warmup, rounds, dev, amp_dtype, channels_last,
@@ -1116,8 +1123,9 @@ def format_report(res: dict[str, Any]) -> str:
         out += _flop_notes(fl["rules"], c["width"])
     tb = res.get("time_breakdown")
     if tb:
-        out += ["", f"6. Where a step's time goes at {tb['image_size']}px (ms per step, each op timed on its own, "
-                    f"{c['steps']} steps per rule; conv dW = weight gradient only, dW+dX = also the input gradient)"]
+        out += ["", f"6. Where a step's time goes at {tb['image_size']}px (ms per step, each op timed on its own; "
+                    f"median per column over {c['rounds']} interleaved rounds of {c['steps']} steps; conv dW = weight "
+                    "gradient only, dW+dX = also the input gradient)"]
         rows, errors = [], []
         for name, d in tb["rules"].items():
             if "error" in d:
