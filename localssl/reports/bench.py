@@ -8,8 +8,11 @@ Everything is measured in one process on the same encoder, batch and inputs
    and the median over rounds is reported, so that a burst of load from
    another process hits every rule alike; ``spread`` shows how noisy the
    machine was; ``in AdamW`` is the share of the step spent in the
-   optimizers (timed with step hooks). Ratios are against BP-InfoNCE, next
-   to the targets (clapp++global >= 1.3x, clapp++ >= 0.9x). Optionally one
+   optimizers (timed with step hooks); ``faults/step`` the process's minor
+   page faults per step (see `engine.runtime.retain_freed_memory`). Ratios
+   are against BP-InfoNCE, next to the targets (clapp++global >= 1.3x,
+   clapp++ >= 0.9x), with the quartiles of the same ratio taken round by
+   round. Optionally one
    rule again at the other precision (fp32 / bf16 autocast) and the other
    memory layout (channels_last / contiguous).
 2. Peak activation memory held for backward: every tensor autograd saves is
