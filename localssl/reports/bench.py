@@ -349,6 +349,15 @@ def parameter_memory(state: _State) -> dict[str, Any]:
 # --------------------------------------------------------------------------- FLOPs
 
 
+def _conv_backward_mask(args: Sequence[Any]) -> list[bool]:
+    """(input, weight, bias) gradients that an ``aten.convolution_backward`` call computes.
+
+    Autograd asks a conv for its input gradient only where that input needs
+    one: never for a local block, whose input is detached.
+    """
+    return list(args[10])
+
+
 class PartFlopCounter(TorchDispatchMode):
     """FLOPs of a training step, split into the parts of METHODS 2.2b.
 
@@ -413,7 +422,7 @@ class PartFlopCounter(TorchDispatchMode):
             return out
         backward = torch._C._current_graph_task_id() != -1
         if packet is torch.ops.aten.convolution_backward:
-            mask = list(args[10])
+            mask = _conv_backward_mask(args)
             for i, part in ((0, "encoder_bwd_input"), (1, "encoder_bwd_weight")):
                 if mask[i]:
                     one = [j == i for j in range(3)]
@@ -677,10 +686,14 @@ def _time_optimizers(state: _State, dev: torch.device) -> list[float]:
         _sync(dev)
         acc[0] += time.perf_counter() - t0[0]
 
-    for opt in state.optimizers:
-        opt.register_step_pre_hook(pre)
-        opt.register_step_post_hook(post)
+    _hook_optimizer_steps(state, pre, post)
     return acc
+
+
+def _hook_optimizer_steps(state: _State, pre: Callable[..., None], post: Callable[..., None]) -> list[Any]:
+    """Call ``pre``/``post`` around every optimizer's ``step`` of ``state``; returns the removable handles."""
+    return [h for opt in state.optimizers
+            for h in (opt.register_step_pre_hook(pre), opt.register_step_post_hook(post))]
 
 
 # Op families of the time breakdown, in table order. A convolution's backward
@@ -708,8 +721,6 @@ def _time_breakdown(state: _State, views: torch.Tensor, steps: int, dev: torch.d
     step's wall time minus its ops: Python, autograd bookkeeping and this
     timing's own overhead, so the breakdown's total exceeds table 1's step.
     """
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     acc = dict.fromkeys(TIME_PARTS, 0.0)
     in_opt = [False]
 
@@ -719,8 +730,7 @@ def _time_breakdown(state: _State, views: torch.Tensor, steps: int, dev: torch.d
     def post(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         in_opt[0] = False
 
-    handles = [h for opt in state.optimizers
-               for h in (opt.register_step_pre_hook(pre), opt.register_step_post_hook(post))]
+    handles = _hook_optimizer_steps(state, pre, post)
 
     class _Timer(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -731,7 +741,7 @@ def _time_breakdown(state: _State, views: torch.Tensor, steps: int, dev: torch.d
             if in_opt[0]:
                 part = "optimizer"
             elif name == "convolution_backward":
-                part = "conv_dw_dx" if args[-1][0] else "conv_dw"
+                part = "conv_dw_dx" if _conv_backward_mask(args)[0] else "conv_dw"
             else:
                 part = _OP_FAMILIES.get(name, "other_ops")
             acc[part] += time.perf_counter() - t0
