@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from localssl.engine.trainer import NonFiniteLossError, build_optimizers, train_step
+from localssl.engine.trainer import NonFiniteLossError, build_optimizer, train_step
 from localssl.models import build_encoder, split_into_blocks
 from localssl.rules import (
     BP_COUNTERPART,
@@ -172,7 +172,7 @@ def test_groups_partition_blocks(name, case):
 @pytest.mark.parametrize("name", RULE_NAMES)
 @pytest.mark.parametrize("case", CASES)
 def test_parameter_ownership(name, case):
-    """Every trainable parameter is in exactly one group's optimiser: nothing is left untrained or shared."""
+    """Every rule parameter is owned by exactly one group, and the optimizer holds every trainable parameter once."""
     enc, rule, _ = setup(name, case)
     named = named_trainable(enc, rule)
     owned = [names_of(rule.group_parameters(g), named) for g in range(len(rule.groups()))]
@@ -180,11 +180,10 @@ def test_parameter_ownership(name, case):
     assert set().union(*owned) == rule_params
     assert sum(len(o) for o in owned) == len(rule_params), "a rule parameter is owned by two groups"
     assert all(p.requires_grad for g in range(len(rule.groups())) for p in rule.group_parameters(g))
-    opts = build_optimizers(enc, rule, lr=1e-3, weight_decay=0.0)
-    assert len(opts) == len(rule.groups())
-    in_opts = [id(p) for o in opts for grp in o.param_groups for p in grp["params"]]
-    assert len(in_opts) == len(set(in_opts)) == len(named)
-    assert set(in_opts) == {id(p) for p in named.values()}
+    opt = build_optimizer(enc, rule, lr=1e-3, weight_decay=0.0)
+    in_opt = [id(p) for grp in opt.param_groups for p in grp["params"]]
+    assert len(in_opt) == len(set(in_opt)) == len(named)
+    assert set(in_opt) == {id(p) for p in named.values()}
 
 
 # ------------------------------------------------------ (a) gradient routing
@@ -269,22 +268,56 @@ def test_per_group_backward_equals_summed_backward(name, case):
 
 
 @pytest.mark.parametrize("name", LOCAL_RULES)
-def test_per_group_adamw_equals_one_adamw_on_summed_loss(name):
-    """Three steps of per-group AdamW (build_optimizers) == one AdamW over everything (float64)."""
+def test_block_by_block_adamw_equals_one_adamw_on_summed_loss(name):
+    """Three block-by-block steps (train_step) == AdamW on the reference's summed loss (float64)."""
     enc, rule, views = setup(name, "tail", b_l2=1e-3)
     enc, rule, views = enc.double(), rule.double(), views.double()
     enc_b, rule_b = copy.deepcopy(enc), copy.deepcopy(rule)
-    opts = build_optimizers(enc, rule, lr=1e-2, weight_decay=1e-2)
+    opt = build_optimizer(enc, rule, lr=1e-2, weight_decay=1e-2)
     named_b = named_trainable(enc_b, rule_b)
     opt_b = torch.optim.AdamW(list(named_b.values()), lr=1e-2, weight_decay=1e-2)
     for _ in range(3):
-        train_step(enc, rule, opts, views)
+        train_step(enc, rule, opt, views)
         opt_b.zero_grad(set_to_none=True)
         paper_backward(enc_b, rule_b, views)
         opt_b.step()
     named_a = named_trainable(enc, rule)
     for n in named_a:
         torch.testing.assert_close(named_a[n], named_b[n], rtol=1e-10, atol=1e-12, msg=n)
+
+
+@pytest.mark.parametrize("name", LOCAL_RULES)
+def test_one_step_at_the_end_equals_a_step_after_every_group(name):
+    """train_step's single AdamW step at the end == one AdamW per group, stepped right after its backward.
+
+    Bitwise: AdamW is element-wise, and no group reads a parameter that
+    another group updates within the step. This is what lets the trainer
+    make one (fused) optimizer call per step instead of one per group.
+    """
+    enc, rule, views = setup(name, "vgg", b_l2=1e-3)
+    enc_b, rule_b = copy.deepcopy(enc), copy.deepcopy(rule)
+    opt = build_optimizer(enc, rule, lr=1e-2, weight_decay=1e-2)
+    per_group = []
+    for g, blocks in enumerate(rule_b.groups()):
+        params = [p for k in blocks for p in enc_b.blocks[k].parameters()] + rule_b.group_parameters(g)
+        per_group.append(torch.optim.AdamW(params, lr=1e-2, weight_decay=1e-2, fused=True))
+    assert opt.defaults["fused"]
+    for _ in range(3):
+        train_step(enc, rule, opt, views)
+        top = None
+        if rule_b.needs_top_context:
+            with torch.no_grad():
+                top = enc_b.run_blocks(views, range(len(enc_b)))
+        h = views
+        for g, blocks in enumerate(rule_b.groups()):
+            per_group[g].zero_grad(set_to_none=True)
+            out = enc_b.run_blocks(h.detach(), blocks)
+            rule_b.loss(g, out, top).backward()
+            per_group[g].step()
+            h = out.detach()
+    a, b = named_trainable(enc, rule), named_trainable(enc_b, rule_b)
+    for n in a:
+        assert torch.equal(a[n], b[n]), n
 
 
 @pytest.mark.parametrize("name", BP_RULES)
@@ -350,14 +383,14 @@ def test_micro_batched_step_gives_the_plain_gradients(name, case, micro_batch):
 
 @pytest.mark.parametrize("name", ["clapp++", "bp-infonce"])
 def test_micro_batched_adamw_steps_match_the_plain_ones(name):
-    """Three AdamW steps, plain vs micro-batched: every optimizer steps on the same gradients."""
+    """Three AdamW steps, plain vs micro-batched: the optimizer steps on the same gradients."""
     enc, rule, views = setup(name, "vgg")
     enc, rule, views = enc.double(), rule.double(), views.double()
     enc_b, rule_b = copy.deepcopy(enc), copy.deepcopy(rule)
-    opts, opts_b = build_optimizers(enc, rule, 1e-2, 1e-2), build_optimizers(enc_b, rule_b, 1e-2, 1e-2)
+    opt, opt_b = build_optimizer(enc, rule, 1e-2, 1e-2), build_optimizer(enc_b, rule_b, 1e-2, 1e-2)
     for _ in range(3):
-        train_step(enc, rule, opts, views)
-        train_step(enc_b, rule_b, opts_b, views, micro_batch=3)
+        train_step(enc, rule, opt, views)
+        train_step(enc_b, rule_b, opt_b, views, micro_batch=3)
     a, b = named_trainable(enc, rule), named_trainable(enc_b, rule_b)
     for n in a:
         # AdamW divides by sqrt(v): gradient entries near 0 turn 1e-15 rounding into ~1e-11.
@@ -412,8 +445,7 @@ def test_one_step_changes_every_trainable_parameter(name, case):
     named = named_trainable(enc, rule)
     frozen = {n: p.detach().clone() for n, p in rule.named_parameters() if not p.requires_grad}
     before = {n: p.detach().clone() for n, p in named.items()}
-    opts = build_optimizers(enc, rule, lr=1e-3, weight_decay=0.0)
-    losses = train_step(enc, rule, opts, views)
+    losses = train_step(enc, rule, build_optimizer(enc, rule, lr=1e-3, weight_decay=0.0), views)
     assert len(losses) == len(rule.groups())
     assert all(torch.isfinite(v) and v.dim() == 0 and not v.requires_grad for v in losses)
     for n, p in named.items():
@@ -430,7 +462,7 @@ def test_one_hinge_step_changes_every_weight(name, case):
     enc, rule, views = setup(name, case)
     named = named_trainable(enc, rule)
     before = {n: p.detach().clone() for n, p in named.items()}
-    losses = train_step(enc, rule, build_optimizers(enc, rule, lr=1e-3, weight_decay=0.0), views)
+    losses = train_step(enc, rule, build_optimizer(enc, rule, lr=1e-3, weight_decay=0.0), views)
     assert all(torch.isfinite(v) for v in losses)
     for n, p in named.items():
         assert torch.isfinite(p).all(), n
@@ -464,10 +496,10 @@ def test_bias_gradient_vanishes_when_all_hinge_terms_are_active():
 def test_loss_decreases_on_a_fixed_batch(name):
     """30 AdamW steps on one fixed batch lower the summed loss by > 5% (every rule, hinge)."""
     enc, rule, views = setup(name, "tail", seed=0)
-    opts = build_optimizers(enc, rule, lr=3e-3, weight_decay=0.0)
-    first = torch.stack(train_step(enc, rule, opts, views))
+    opt = build_optimizer(enc, rule, lr=3e-3, weight_decay=0.0)
+    first = torch.stack(train_step(enc, rule, opt, views))
     for _ in range(30):
-        last = torch.stack(train_step(enc, rule, opts, views))
+        last = torch.stack(train_step(enc, rule, opt, views))
     assert torch.isfinite(last).all()
     assert last.sum() < 0.95 * first.sum(), (first, last)
 
@@ -507,9 +539,9 @@ def test_fixed_feedback_never_changes(name):
     assert fb and all(not p.requires_grad for p in rule.parameters())
     assert all(rule.group_parameters(g) == [] for g in range(len(rule.groups())))
     enc0 = copy.deepcopy(enc.state_dict())
-    opts = build_optimizers(enc, rule, lr=1e-2, weight_decay=0.1)
+    opt = build_optimizer(enc, rule, lr=1e-2, weight_decay=0.1)
     for _ in range(3):
-        train_step(enc, rule, opts, views)
+        train_step(enc, rule, opt, views)
     for n, p in rule.named_parameters():
         assert torch.equal(p, fb[n]) and p.grad is None, n
     assert any(not torch.equal(enc0[k], v) for k, v in enc.state_dict().items())
@@ -519,7 +551,7 @@ def test_fixed_feedback_never_changes(name):
 def test_identity_feedback_same_layer_has_no_parameters(name):
     enc, rule, views = setup(name, "vgg", feedback="identity")
     assert list(rule.parameters()) == []
-    losses = train_step(enc, rule, build_optimizers(enc, rule, 1e-3, 0.0), views)
+    losses = train_step(enc, rule, build_optimizer(enc, rule, 1e-3, 0.0), views)
     assert all(torch.isfinite(v) for v in losses)
 
 

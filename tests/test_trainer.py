@@ -66,10 +66,11 @@ def test_resume_mid_epoch_matches_uninterrupted(tmp_path, monkeypatch, rule):
 def test_checkpoint_loads_weights_only_and_holds_everything(tmp_path):
     run = train(tiny_cfg(tmp_path, max_steps=2))
     state = torch.load(run / CHECKPOINT, weights_only=True)
-    assert {"encoder", "rule", "optimizers", "step", "rng", "config"} <= set(state)
+    assert {"encoder", "rule", "optimizer", "step", "rng", "config"} <= set(state)
     assert state["step"] == 2 and state["config"]["rule"] == "clapp++"
     assert (run / "config.yaml").exists() and (run / "metrics.csv").exists() and (run / "encoder.pt").exists()
-    assert len(state["optimizers"]) == 6  # one per block for a local rule
+    # One AdamW over every block and B: state for each trainable parameter.
+    assert len(state["optimizer"]["state"]) == len(state["optimizer"]["param_groups"][0]["params"]) == 6 * 2 + 6
 
 
 def test_training_changes_weights(tmp_path):
@@ -116,6 +117,19 @@ def test_resume_refuses_a_different_config(tmp_path):
     train(cfg)
     with pytest.raises(ConfigError, match="lr"):
         train(tiny_cfg(tmp_path, max_steps=2, lr=1e-3), resume=True)
+
+
+def test_resume_refuses_a_checkpoint_with_one_optimizer_per_group(tmp_path):
+    """A checkpoint of the earlier layout (a list of per-group optimizer states) is named, not half-loaded."""
+    cfg = tiny_cfg(tmp_path, max_steps=1)
+    run = train(cfg)
+    state = load_checkpoint(run / CHECKPOINT)
+    state["optimizers"] = [state.pop("optimizer")]
+    torch.save(state, run / CHECKPOINT)
+    before = (run / CHECKPOINT).read_bytes()
+    with pytest.raises(ConfigError, match=f"{run / CHECKPOINT}.*one optimizer per group"):
+        train(tiny_cfg(tmp_path, max_steps=2), resume=True)
+    assert (run / CHECKPOINT).read_bytes() == before
 
 
 def test_corrupt_checkpoint_is_reported_by_name(tmp_path):

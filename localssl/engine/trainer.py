@@ -3,14 +3,19 @@
 For every batch, each group of blocks declared by the rule (one block per
 group for local rules, one group of every block for BP) runs forward on the
 *detached* output of the previous group, computes its own loss, runs backward
-and steps its own optimizer; its autograd graph is freed before the next
-group starts. Peak activation memory is therefore one group's, not the whole
-network's. (Summing all local losses and calling backward once, as the
-reference code does, gives the same gradients but keeps every layer's graph
-alive; ``tests/test_rules.py`` checks that both give equal updates.)
+and its autograd graph is freed before the next group starts. Peak activation
+memory is therefore one group's, not the whole network's. (Summing all local
+losses and calling backward once, as the reference code does, gives the same
+gradients but keeps every layer's graph alive; ``tests/test_rules.py`` checks
+that both give equal updates.)
 
-Optimisers are per group: AdamW is element-wise, so a per-group AdamW is the
-same update as one AdamW over all parameters (METHODS 2.4: lr 2e-4, wd 0).
+One AdamW (METHODS 2.4: lr 2e-4, wd 0) steps every group's parameters once,
+at the end of the step. That is exactly the update of one optimizer per group
+stepped right after its group's backward: AdamW is element-wise, and no group
+reads a parameter that another group updates within the step (group k+1's
+input was computed before any update). One step is one fused kernel and one
+Python call per training step instead of one per group, which is a visible
+share of a small local step on a CPU (``localssl bench``).
 """
 from __future__ import annotations
 
@@ -59,19 +64,17 @@ def _fused_ok(params: list[torch.nn.Parameter]) -> bool:
     return bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
 
 
-def build_optimizers(encoder: BlockEncoder, rule: Rule, lr: float, weight_decay: float) -> list[torch.optim.Optimizer]:
-    """One AdamW per group: the group's blocks plus the rule's parameters for it."""
-    opts = []
-    for g, blocks in enumerate(rule.groups()):
-        params = [p for k in blocks for p in encoder.blocks[k].parameters()] + rule.group_parameters(g)
-        opts.append(torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=_fused_ok(params)))
-    return opts
+def build_optimizer(encoder: BlockEncoder, rule: Rule, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """One AdamW over every trainable parameter: all blocks and the rule's own (B, heads)."""
+    params = [p for p in encoder.parameters() if p.requires_grad]
+    params += [p for g in range(len(rule.groups())) for p in rule.group_parameters(g)]
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=_fused_ok(params))
 
 
 def train_step(
     encoder: BlockEncoder,
     rule: Rule,
-    optimizers: Sequence[torch.optim.Optimizer] | None,
+    optimizer: torch.optim.Optimizer | None,
     views: torch.Tensor,
     device: torch.device | None = None,
     amp_dtype: torch.dtype | None = None,
@@ -79,20 +82,22 @@ def train_step(
 ) -> list[torch.Tensor]:
     """One step on a batch of stacked views; returns every group's (detached) loss.
 
-    With ``optimizers=None`` only the gradients are computed (they are left in
+    With ``optimizer=None`` only the gradients are computed (they are left in
     ``.grad``), which is what gradient-alignment analysis and tests need.
     ``micro_batch`` (views per chunk) trades one more forward pass for
     activation memory: see `_micro_batched_step`; a chunk as large as the
     batch is the plain step.
     """
     if micro_batch is not None and micro_batch < views.shape[0]:
-        return _micro_batched_step(encoder, rule, optimizers, views, device, amp_dtype, micro_batch)
+        return _micro_batched_step(encoder, rule, optimizer, views, device, amp_dtype, micro_batch)
     ctx = _amp(views, device, amp_dtype)
     top = None
     if rule.needs_top_context:
         # DFB context: the other view's top-layer output, with no gradient.
         with torch.no_grad(), ctx():
             top = encoder.run_blocks(views, range(len(encoder)))
+    if optimizer is not None:
+        optimizer.zero_grad(set_to_none=True)
     losses = []
     h = views
     for g, blocks in enumerate(rule.groups()):
@@ -102,15 +107,13 @@ def train_step(
             out = encoder.run_blocks(h_in, blocks)
             loss = rule.loss(g, out, top)
         _check_finite(loss, g, blocks)
-        if optimizers is not None:
-            optimizers[g].zero_grad(set_to_none=True)
         loss.backward()
-        if optimizers is not None:
-            optimizers[g].step()
         # Keep only the values; the graph of this group is freed here.
         h = out.detach()
         losses.append(loss.detach())
         del out, loss
+    if optimizer is not None:
+        optimizer.step()
     return losses
 
 
@@ -134,7 +137,7 @@ def _batch_coupling_modules(encoder: nn.Module) -> list[str]:
 def _micro_batched_step(
     encoder: BlockEncoder,
     rule: Rule,
-    optimizers: Sequence[torch.optim.Optimizer] | None,
+    optimizer: torch.optim.Optimizer | None,
     views: torch.Tensor,
     device: torch.device | None,
     amp_dtype: torch.dtype | None,
@@ -180,9 +183,8 @@ def _micro_batched_step(
                 tops.append(rule.context(h))
     top = torch.cat(tops) if tops else None
     # 2. The losses on the whole batch: gradients of the rule's parameters and dL/dz.
-    if optimizers is not None:
-        for opt in optimizers:
-            opt.zero_grad(set_to_none=True)
+    if optimizer is not None:
+        optimizer.zero_grad(set_to_none=True)
     losses, dz = [], []
     for g, blocks in enumerate(groups):
         z = torch.cat(reps[g]).requires_grad_()
@@ -203,9 +205,8 @@ def _micro_batched_step(
             z.backward(dz[g][c])
             h = out.detach()
             del out, z
-    if optimizers is not None:
-        for opt in optimizers:
-            opt.step()
+    if optimizer is not None:
+        optimizer.step()
     return losses
 
 
@@ -266,6 +267,11 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     state = None
     if resume:
         state = load_checkpoint(ckpt_path)
+        if "optimizer" not in state:
+            raise ConfigError(
+                f"{ckpt_path} holds no 'optimizer' entry (written by an earlier localssl, which kept one optimizer "
+                "per group); it cannot be resumed by this version: its weights still load for `localssl probe`"
+            )
         saved = state["config"]
         diff = {k: (saved[k], v) for k, v in to_dict(cfg).items() if k not in RESUMABLE_CHANGES and saved.get(k) != v}
         if diff:
@@ -299,7 +305,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         raise ConfigError(f"micro_batch needs an encoder without BatchNorm; {cfg.encoder} has {', '.join(coupled)}")
     encoder.to(device, memory_format=mf)
     rule.to(device)
-    optimizers = build_optimizers(encoder, rule, cfg.lr, cfg.weight_decay)
+    optimizer = build_optimizer(encoder, rule, cfg.lr, cfg.weight_decay)
     crop = tuple(cfg.crop_scale) if cfg.crop_scale else spec.crop_scale
     augment = SimCLRViews(spec.image_size, spec.mean, spec.std, crop_scale=crop).to(device)
     batches = _Batches(data.images, cfg.batch_size, cfg.seed, device)
@@ -313,8 +319,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     if state is not None:
         encoder.load_state_dict(state["encoder"])
         rule.load_state_dict(state["rule"])
-        for opt, sd in zip(optimizers, state["optimizers"]):
-            opt.load_state_dict(sd)
+        optimizer.load_state_dict(state["optimizer"])
         step = int(state["step"])
         set_rng_state(state["rng"])
     log = MetricLog(out, resume_step=step if state is not None else None)
@@ -325,7 +330,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
             {
                 "encoder": encoder.state_dict(),
                 "rule": rule.state_dict(),
-                "optimizers": [o.state_dict() for o in optimizers],
+                "optimizer": optimizer.state_dict(),
                 "step": step,
                 "epoch": step // batches.steps_per_epoch,
                 "rng": rng_state(),
@@ -345,7 +350,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
             x = batches.batch(epoch, i)
             views = augment(x)
             try:
-                losses = train_step(encoder, rule, optimizers, views, device=device, amp_dtype=amp_dtype,
+                losses = train_step(encoder, rule, optimizer, views, device=device, amp_dtype=amp_dtype,
                                     micro_batch=cfg.micro_batch)
             except NonFiniteLossError as e:
                 raise NonFiniteLossError(
@@ -380,4 +385,4 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     return out
 
 
-__all__ = ["train", "train_step", "build_optimizers", "NonFiniteLossError"]
+__all__ = ["train", "train_step", "build_optimizer", "NonFiniteLossError"]

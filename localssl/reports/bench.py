@@ -2,13 +2,13 @@
 
 Everything is measured in one process on the same encoder, batch and inputs
 (random views, so no data set is needed), with the real training step
-(`localssl.engine.trainer.train_step`, per-group AdamW from `build_optimizers`):
+(`localssl.engine.trainer.train_step`, the AdamW of `build_optimizer`):
 
 1. Training images/s per rule. The rules are interleaved inside every round
    and the median over rounds is reported, so that a burst of load from
    another process hits every rule alike; ``spread`` shows how noisy the
    machine was; ``in AdamW`` is the share of the step spent in the
-   optimizers (timed with step hooks); ``faults/step`` the process's minor
+   optimizer (timed with step hooks); ``faults/step`` the process's minor
    page faults per step (see `engine.runtime.retain_freed_memory`). Ratios
    are against BP-InfoNCE, next to the targets (clapp++global >= 1.3x,
    clapp++ >= 0.9x), with the quartiles of the same ratio taken round by
@@ -125,21 +125,21 @@ Log = Callable[[str], None]
 
 @dataclass
 class _State:
-    """One rule ready to train: its own copy of the encoder, the rule, its optimizers."""
+    """One rule ready to train: its own copy of the encoder, the rule, its optimizer."""
 
     name: str
     encoder: BlockEncoder
     rule: Rule
-    optimizers: list[torch.optim.Optimizer]
+    optimizer: torch.optim.Optimizer
     device: torch.device
     amp_dtype: torch.dtype | None
     memory_format: torch.memory_format
     micro_batch: int | None = None
 
-    def step(self, views: torch.Tensor, with_optimizers: bool = True) -> list[torch.Tensor]:
+    def step(self, views: torch.Tensor, with_optimizer: bool = True) -> list[torch.Tensor]:
         from localssl.engine.trainer import train_step
 
-        return train_step(self.encoder, self.rule, self.optimizers if with_optimizers else None, views,
+        return train_step(self.encoder, self.rule, self.optimizer if with_optimizer else None, views,
                           device=self.device, amp_dtype=self.amp_dtype, micro_batch=self.micro_batch)
 
 
@@ -155,7 +155,7 @@ def _build(
     micro_batch: int | None = None,
 ) -> _State:
     """Encoder + rule + AdamW (lr 2e-4, wd 0, METHODS 2.4), as `localssl train` builds them."""
-    from localssl.engine.trainer import build_optimizers
+    from localssl.engine.trainer import build_optimizer
 
     torch.manual_seed(seed)  # the same encoder init for every rule
     encoder = build_encoder(encoder_name, width, 3)
@@ -166,8 +166,8 @@ def _build(
     encoder.to(device, memory_format=mf)
     rule.to(device)
     encoder.train()
-    opts = build_optimizers(encoder, rule, 2e-4, 0.0)
-    return _State(rule_name, encoder, rule, opts, device, amp_dtype, mf, micro_batch)
+    opt = build_optimizer(encoder, rule, 2e-4, 0.0)
+    return _State(rule_name, encoder, rule, opt, device, amp_dtype, mf, micro_batch)
 
 
 def _random_views(batch_size: int, image_size: int, device: torch.device, channels_last: bool,
@@ -328,16 +328,15 @@ def parameter_memory(state: _State) -> dict[str, Any]:
             "optimizer_bytes": 0,
         }
     step_bytes = 0
-    for opt in state.optimizers:
-        for p, st in opt.state.items():
-            part = "encoder" if id(p) in enc_ids else "rule"
-            for k, v in st.items():
-                if not torch.is_tensor(v):
-                    continue
-                if k == "step":
-                    step_bytes += v.nbytes
-                else:
-                    out[part]["optimizer_bytes"] += v.nbytes
+    for p, st in state.optimizer.state.items():
+        part = "encoder" if id(p) in enc_ids else "rule"
+        for k, v in st.items():
+            if not torch.is_tensor(v):
+                continue
+            if k == "step":
+                step_bytes += v.nbytes
+            else:
+                out[part]["optimizer_bytes"] += v.nbytes
     for part in ("encoder", "rule"):
         d = out[part]
         d["total_bytes"] = d["params_bytes"] + d["grads_bytes"] + d["optimizer_bytes"]
@@ -444,7 +443,7 @@ def step_flops(state: _State, views: torch.Tensor) -> dict[str, float]:
     """FLOPs per view of each part of one training step (no optimizer step)."""
     counter = PartFlopCounter(state.rule)
     with counter:
-        state.step(views, with_optimizers=False)
+        state.step(views, with_optimizer=False)
     n = views.shape[0]
     d = {p: counter.counts.get(p, 0) / n for p in FLOP_PARTS}
     d["total"] = sum(d[p] for p in FLOP_PARTS)
@@ -673,8 +672,8 @@ def _loadavg() -> list[float] | None:
         return None
 
 
-def _time_optimizers(state: _State, dev: torch.device) -> list[float]:
-    """Add the seconds spent in the optimizers' ``step`` to the returned one-element list."""
+def _time_optimizer(state: _State, dev: torch.device) -> list[float]:
+    """Add the seconds spent in the optimizer's ``step`` to the returned one-element list."""
     acc = [0.0]
     t0 = [0.0]
 
@@ -686,14 +685,13 @@ def _time_optimizers(state: _State, dev: torch.device) -> list[float]:
         _sync(dev)
         acc[0] += time.perf_counter() - t0[0]
 
-    _hook_optimizer_steps(state, pre, post)
+    _hook_optimizer_step(state, pre, post)
     return acc
 
 
-def _hook_optimizer_steps(state: _State, pre: Callable[..., None], post: Callable[..., None]) -> list[Any]:
-    """Call ``pre``/``post`` around every optimizer's ``step`` of ``state``; returns the removable handles."""
-    return [h for opt in state.optimizers
-            for h in (opt.register_step_pre_hook(pre), opt.register_step_post_hook(post))]
+def _hook_optimizer_step(state: _State, pre: Callable[..., None], post: Callable[..., None]) -> list[Any]:
+    """Call ``pre``/``post`` around the optimizer's ``step`` of ``state``; returns the removable handles."""
+    return [state.optimizer.register_step_pre_hook(pre), state.optimizer.register_step_post_hook(post)]
 
 
 # Op families of the time breakdown, in table order. A convolution's backward
@@ -730,7 +728,7 @@ def _time_breakdown(state: _State, views: torch.Tensor, steps: int, dev: torch.d
     def post(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         in_opt[0] = False
 
-    handles = _hook_optimizer_steps(state, pre, post)
+    handles = _hook_optimizer_step(state, pre, post)
 
     class _Timer(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -821,8 +819,8 @@ def _speed(rules, encoder, width, size, batch_size, steps, warmup, rounds, dev, 
             st = _build(v["rule"], encoder, width, size, dev, v["amp"], v["channels_last"], seed,
                         v.get("micro_batch"))
             if v.get("unfused"):
-                st.optimizers = [torch.optim.AdamW(o.param_groups[0]["params"], lr=2e-4, weight_decay=0.0, fused=False)
-                                 for o in st.optimizers]
+                st.optimizer = torch.optim.AdamW(st.optimizer.param_groups[0]["params"], lr=2e-4, weight_decay=0.0,
+                                                 fused=False)
             states.append(st)
         except (ValueError, RuntimeError) as e:  # e.g. pooling grids that do not fit this image size
             v["error"] = str(e)
@@ -846,7 +844,7 @@ def _speed(rules, encoder, width, size, batch_size, steps, warmup, rounds, dev, 
         return time.perf_counter() - t0
 
     live = [(v, st) for v, st in zip(variants, states) if st is not None]
-    opt_time = {v["label"]: _time_optimizers(st, dev) for v, st in live}
+    opt_time = {v["label"]: _time_optimizer(st, dev) for v, st in live}
     for v, st in live:
         log(f"speed: warm-up {v['label']}")
         time_it(lambda st=st, v=v: st.step(views[v["channels_last"]]), warmup)

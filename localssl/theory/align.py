@@ -5,7 +5,7 @@ computed on the *same* batch of views (same samples, same views, same
 negatives, same detached top context for DFB rules):
 
 - the **local** gradient: block l's own loss L^l, with the block's input
-  detached. This is exactly what ``train_step(..., optimizers=None)``
+  detached. This is exactly what ``train_step(..., optimizer=None)``
   computes, and it is computed by calling it;
 - the **BP** gradient: the *same rule's* top-block loss L^L (its own B^L,
   grid and context) back-propagated through the whole encoder, with nothing
@@ -136,7 +136,7 @@ def layer_gradients(
     groups = rule.groups()
     g_top = len(groups) - 1
     with _grads_enabled(encoder):
-        # Local: exactly the trainer's step without optimizers (inputs detached per group).
+        # Local: exactly the trainer's step without an optimizer (inputs detached per group).
         _zero(encoder, rule)
         local_losses = train_step(encoder, rule, None, views, device=device, amp_dtype=dtype)
         local = _collect(encoder)
