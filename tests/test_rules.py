@@ -505,11 +505,17 @@ def test_loss_decreases_on_a_fixed_batch(name):
 
 
 @pytest.mark.parametrize("name", ["clapp++", "bp-infonce"])
-def test_non_finite_loss_raises(name):
+@pytest.mark.parametrize("micro_batch", [None, 3])
+def test_non_finite_loss_raises_before_any_update(name, micro_batch):
+    """A NaN loss names its group and leaves every weight as it was (no optimizer step)."""
     enc, rule, views = setup(name, "tail")
     views[0, 0, 0, 0] = float("nan")
-    with pytest.raises(NonFiniteLossError):
-        train_step(enc, rule, None, views)
+    opt = build_optimizer(enc, rule, lr=1e-2, weight_decay=0.0)
+    before = {n: p.detach().clone() for n, p in named_trainable(enc, rule).items()}
+    with pytest.raises(NonFiniteLossError, match=r"loss of group 1 \(blocks \[1"):
+        train_step(enc, rule, opt, views, micro_batch=micro_batch)
+    for n, p in named_trainable(enc, rule).items():
+        assert torch.equal(p, before[n]), n
 
 
 # ---------------------------------------------------------- feedback kinds

@@ -106,12 +106,13 @@ def train_step(
         with ctx():
             out = encoder.run_blocks(h_in, blocks)
             loss = rule.loss(g, out, top)
-        _check_finite(loss, g, blocks)
         loss.backward()
         # Keep only the values; the graph of this group is freed here.
         h = out.detach()
         losses.append(loss.detach())
         del out, loss
+    # One check (one device sync on a GPU) for all groups, before any update.
+    _check_finite(losses, rule.groups())
     if optimizer is not None:
         optimizer.step()
     return losses
@@ -123,9 +124,12 @@ def _amp(views: torch.Tensor, device: torch.device | None, amp_dtype: torch.dtyp
     return lambda: autocast(dev, amp_dtype)
 
 
-def _check_finite(loss: torch.Tensor, g: int, blocks: Sequence[int]) -> None:
-    if not torch.isfinite(loss):
-        raise NonFiniteLossError(f"loss of group {g + 1} (blocks {[b + 1 for b in blocks]}) is {loss.item()}")
+def _check_finite(losses: Sequence[torch.Tensor], groups: Sequence[Sequence[int]]) -> None:
+    finite = torch.isfinite(torch.stack(losses))
+    if not finite.all():
+        g = int((~finite).nonzero()[0, 0])
+        raise NonFiniteLossError(
+            f"loss of group {g + 1} (blocks {[b + 1 for b in groups[g]]}) is {losses[g].item()}")
 
 
 def _batch_coupling_modules(encoder: nn.Module) -> list[str]:
@@ -186,15 +190,15 @@ def _micro_batched_step(
     if optimizer is not None:
         optimizer.zero_grad(set_to_none=True)
     losses, dz = [], []
-    for g, blocks in enumerate(groups):
+    for g in range(len(groups)):
         z = torch.cat(reps[g]).requires_grad_()
         reps[g] = []
         with ctx():
             loss = rule.objective(g, z, top)
-        _check_finite(loss, g, blocks)
         loss.backward()
         dz.append(z.grad.split(micro_batch))
         losses.append(loss.detach())
+    _check_finite(losses, groups)  # before the recomputation that a NaN would waste
     # 3. Each chunk again, block by block; no gradient crosses a group boundary.
     for c, x in enumerate(chunks):
         h = x
