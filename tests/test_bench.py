@@ -96,9 +96,9 @@ def test_quartiles_of_per_round_ratios():
 
 
 def test_floor_by_hand(res):
-    """Per block: conv input, then ReLU output (fp32), and for pooled blocks the max-pool's input
-    (the conv output) and int64 indices, the ReLU running after the pool. BP saves each block's
-    output (the next conv's input) once."""
+    """Per block: conv input, then ReLU output (fp32), and for pooled blocks the max-pool's int64
+    indices (not its input: models/layers.py), the ReLU running after the pool. BP saves each
+    block's output (the next conv's input) once."""
     m = res["memory"][0]
     assert m["image_size"] == SIZE
     block, shared = [], 0
@@ -106,7 +106,7 @@ def test_floor_by_hand(res):
         out_side = side // 2 if pooled else side
         b = 4 * VIEWS * c_in * side**2 + 4 * VIEWS * c * out_side**2
         if pooled:
-            b += 4 * VIEWS * c * side**2 + 8 * VIEWS * c * out_side**2
+            b += 8 * VIEWS * c * out_side**2
         if k + 1 < len(CHANNELS):
             shared += 4 * VIEWS * c * out_side**2  # this ReLU output is the next conv's input
         block.append(b)
@@ -115,9 +115,11 @@ def test_floor_by_hand(res):
     assert f["floor_bytes"] == max(block)
     assert f["bp_encoder_bytes"] == sum(block) - shared
     assert f["floor_ratio"] == pytest.approx(max(block) / (sum(block) - shared))
-    # METHODS 2.2b's "about 0.41 for VGG-6 at 32 px" is the largest block over the sum of blocks
-    # (0.42 here: with the ReLU after the max-pool, a pooled block also saves the pooled ReLU output).
-    assert f["floor_ratio_vs_sum_of_blocks"] == pytest.approx(0.41, abs=0.02)
+    # METHODS 2.2b's "about 0.41 for VGG-6 at 32 px" is the largest block over the sum of blocks,
+    # counting a block as its input and conv output (0.40); in saved tensors it is 0.36, since the
+    # index-only max-pool keeps no pre-pool map, and the floor against BP is higher (0.58).
+    assert f["floor_ratio_vs_sum_of_blocks"] == pytest.approx(max(block) / sum(block))
+    assert f["floor_ratio_vs_sum_of_blocks"] == pytest.approx(0.36, abs=0.01)
 
 
 def test_local_activation_memory_between_floor_and_bp(res):

@@ -12,6 +12,7 @@ from __future__ import annotations
 from torch import nn
 
 from localssl.models.blocks import BlockEncoder
+from localssl.models.layers import MaxPool2d
 from localssl.registry import Registry
 
 # (channels, max-pool after the layer)
@@ -48,7 +49,7 @@ def _vgg(name: str, width: float, in_channels: int) -> BlockEncoder:
         # local step (README, benchmark); the gradients differ only where a
         # 2x2 window has positive ties.
         if pool:
-            layers.append(nn.MaxPool2d(2))
+            layers.append(MaxPool2d(2))  # nn.MaxPool2d(2) that saves only its indices (models/layers.py)
         layers.append(nn.ReLU(inplace=False))
         blocks.append(nn.Sequential(*layers))
         c_in = c_out

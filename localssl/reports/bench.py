@@ -696,6 +696,8 @@ def _hook_optimizer_step(state: _State, pre: Callable[..., None], post: Callable
 
 # Op families of the time breakdown, in table order. A convolution's backward
 # is one op; whether it also computes the input gradient is its output_mask[0].
+# The encoders' max-pool (models/layers.py) runs its backward as a zero fill
+# (fill/copy) and a scatter (pool).
 TIME_PARTS = ("conv_fwd", "conv_dw", "conv_dw_dx", "matmul", "pool", "relu", "fill_copy", "optimizer", "other_ops",
               "outside_ops")
 _TIME_LABELS = {"conv_fwd": "conv fwd", "conv_dw": "conv dW", "conv_dw_dx": "conv dW+dX", "matmul": "matmul",
@@ -704,7 +706,7 @@ _TIME_LABELS = {"conv_fwd": "conv fwd", "conv_dw": "conv dW", "conv_dw_dx": "con
 _OP_FAMILIES = {
     "convolution": "conv_fwd", "mm": "matmul", "addmm": "matmul", "bmm": "matmul", "linear": "matmul",
     "max_pool2d_with_indices": "pool", "max_pool2d_with_indices_backward": "pool", "avg_pool2d": "pool",
-    "avg_pool2d_backward": "pool", "relu": "relu", "relu_": "relu", "threshold_backward": "relu",
+    "avg_pool2d_backward": "pool", "scatter_": "pool", "relu": "relu", "relu_": "relu", "threshold_backward": "relu",
     "clamp_min": "relu", "fill_": "fill_copy", "zero_": "fill_copy", "zeros_like": "fill_copy",
     "new_zeros": "fill_copy", "copy_": "fill_copy", "clone": "fill_copy", "_to_copy": "fill_copy",
 }
