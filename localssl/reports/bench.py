@@ -28,7 +28,7 @@ Everything is measured in one process on the same encoder, batch and inputs
    two blocks counted once). METHODS 2.2b's "about 0.41 for VGG-6 at 32 px"
    is the largest block over the *sum* of the blocks, which counts the
    tensors shared at block boundaries twice; both are printed, and the one
-   against BP (about 0.5) is the floor a local/BP ratio can reach.
+   against BP (0.58 for VGG-6) is the floor a local/BP ratio can reach.
    Optionally (``--rss``) the whole-process peak RSS of each rule, each in a
    fresh subprocess, from the end of the build to the end of training.
 3. Parameters + gradients + optimizer state of the encoder *and* of the
@@ -212,9 +212,9 @@ class SavedBytesTracker:
     """Live and peak bytes of the tensors autograd holds for backward.
 
     Every saved tensor is keyed by its storage, so a storage saved by several
-    ops (ReLU's output, which max-pool saves too) counts once; when autograd
-    frees the last reference to it (after the group's backward), its bytes
-    leave the live total. Storages of ``params`` are tracked apart
+    ops (a block's ReLU output, which the next conv saves too under BP)
+    counts once; when autograd frees the last reference to it (after the
+    group's backward), its bytes leave the live total. Storages of ``params`` are tracked apart
     (``peak_param_bytes``) and not counted as activations.
 
     ``group_peaks`` splits the step into segments that start whenever the live
