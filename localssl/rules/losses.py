@@ -14,6 +14,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from localssl.models.layers import block_mean
 from localssl.registry import Registry
 
 # f(u_pos, u_neg) -> per-sample loss. Each is decreasing in u_pos and
@@ -88,40 +89,7 @@ def spatial_pool(h: torch.Tensor, grid: int) -> torch.Tensor:
         raise ValueError(f"pooling grid {grid} does not divide the {H}x{W} feature map")
     if grid == H and grid == W:
         return h.flatten(1)
-    return _BlockMean.apply(h, H // grid, W // grid).flatten(1)
-
-
-class _BlockMean(torch.autograd.Function):
-    """``avg_pool2d`` with kernel == stride, whose backward keeps only the input's shape.
-
-    ``F.avg_pool2d`` saves the whole block output for backward (only to read
-    its shape) and returns a contiguous gradient into a channels_last conv.
-    Saving nothing here lowers a local block's activation memory by the size
-    of its output (``localssl bench`` measures it) with bitwise-equal results.
-    """
-
-    @staticmethod
-    def forward(ctx, h: torch.Tensor, kh: int, kw: int) -> torch.Tensor:
-        channels_last = h.dim() == 4 and not h.is_contiguous() and h.is_contiguous(memory_format=torch.channels_last)
-        ctx.meta = (tuple(h.shape), kh, kw, channels_last)
-        return F.avg_pool2d(h, kernel_size=(kh, kw))
-
-    @staticmethod
-    def backward(ctx, g: torch.Tensor):
-        (n, c, H, W), kh, kw, channels_last = ctx.meta
-        gh, gw = H // kh, W // kw
-        g = g / (kh * kw)
-        if gh == 1 and gw == 1:
-            # Global pooling: a broadcast view (stride 0 over H, W) is enough.
-            # The next backward op (the block's ReLU, or a conv) reads it as
-            # it is, so no full-size map is written here.
-            return g.expand(n, c, H, W), None, None
-        if channels_last:
-            gi = g.permute(0, 2, 3, 1)[:, :, None, :, None, :].expand(n, gh, kh, gw, kw, c)
-            gi = gi.reshape(n, H, W, c).permute(0, 3, 1, 2)
-            return gi.contiguous(memory_format=torch.channels_last), None, None
-        gi = g[:, :, :, None, :, None].expand(n, c, gh, kh, gw, kw).reshape(n, c, H, W)
-        return gi.contiguous(), None, None
+    return block_mean(h, H // grid, W // grid).flatten(1)  # saves nothing for backward (models/layers.py)
 
 
 def info_nce(p1: torch.Tensor, p2: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
