@@ -13,7 +13,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from localssl.rules import CONTRASTIVE_F, contrastive_loss, info_nce, scores, spatial_pool, swap_views
+from localssl.rules import (
+    CONTRASTIVE_F,
+    contrastive_loss,
+    info_nce,
+    info_nce_symmetric,
+    nt_xent,
+    scores,
+    spatial_pool,
+    swap_views,
+)
 
 
 def _gen(seed: int = 0) -> torch.Generator:
@@ -208,39 +217,100 @@ def test_spatial_pool_passes_vectors_through():
 # ------------------------------------------------------------------- InfoNCE
 
 
-def _info_nce_by_hand(p1: torch.Tensor, p2: torch.Tensor, t: float) -> torch.Tensor:
-    n1 = p1 / p1.norm(dim=1, keepdim=True)
-    n2 = p2 / p2.norm(dim=1, keepdim=True)
-    logits = n1 @ n2.T / t
-    target = torch.arange(p1.shape[0])
-    # Symmetrised, as the docstring of info_nce documents.
-    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
-
-
-def _info_nce_loop(p1: torch.Tensor, p2: torch.Tensor, t: float) -> float:
-    """-log softmax, with Python floats and the math module only."""
-    b, d = p1.shape
-    a = [[float(v) for v in row] for row in p1]
-    c = [[float(v) for v in row] for row in p2]
+def _cos_matrix_loop(a: list[list[float]], c: list[list[float]]) -> list[list[float]]:
+    """cos(a_i, c_j) with Python floats and the math module only."""
 
     def cos(x, y):
-        dot = sum(x[k] * y[k] for k in range(d))
+        dot = sum(xk * yk for xk, yk in zip(x, y))
         return dot / (math.sqrt(sum(v * v for v in x)) * math.sqrt(sum(v * v for v in y)))
 
-    sim = [[cos(a[i], c[j]) / t for j in range(b)] for i in range(b)]
-    l12 = sum(-math.log(math.exp(sim[i][i]) / sum(math.exp(sim[i][j]) for j in range(b))) for i in range(b)) / b
-    l21 = sum(-math.log(math.exp(sim[j][j]) / sum(math.exp(sim[i][j]) for i in range(b))) for j in range(b)) / b
-    return 0.5 * (l12 + l21)
+    return [[cos(x, y) for y in c] for x in a]
+
+
+def _nll_loop(sim: list[list[float]], rows: list[int], targets: list[int], cols: list[list[int]]) -> float:
+    """mean over anchors of -log(exp(sim[r][t]) / sum_{j in cols} exp(sim[r][j]))."""
+    out = [-(sim[r][t] - math.log(sum(math.exp(sim[r][j]) for j in cs))) for r, t, cs in zip(rows, targets, cols)]
+    return sum(out) / len(out)
+
+
+def _fixed_pair(dtype=torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
+    g = _gen(4)
+    p1 = torch.randn(5, 6, generator=g, dtype=dtype) * 3
+    p2 = p1 + 0.5 * torch.randn(5, 6, generator=g, dtype=dtype)
+    return p1, p2
+
+
+# float64: the loops and torch differ by rounding only (a few ulps per term).
+F64 = dict(rel=1e-12, abs=1e-12)
+
+
+def test_info_nce_by_hand_on_a_2x2_example():
+    """One direction (METHODS 2.3), worked out on paper.
+
+    p1 = [(1, 0), (0, 1)], p2 = [(1, 0), (1, 1)], T = 0.5: cos = [[1, 1/sqrt2], [0, 1/sqrt2]],
+    S = cos / T = [[2, sqrt2], [0, sqrt2]]; loss = -(1/2) [log softmax(S_0)_0 + log softmax(S_1)_1].
+    """
+    p1 = torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
+    p2 = torch.tensor([[1.0, 0.0], [1.0, 1.0]], dtype=torch.float64)
+    r2 = math.sqrt(2)
+    want = -0.5 * ((2 - math.log(math.exp(2) + math.exp(r2))) + (r2 - math.log(1 + math.exp(r2))))
+    assert info_nce(p1, p2, 0.5).item() == pytest.approx(want, **F64)
+    # The symmetric loss also averages the columns' softmax: here a different number.
+    col = -0.5 * ((2 - math.log(math.exp(2) + 1)) + (r2 - math.log(2 * math.exp(r2))))
+    assert info_nce_symmetric(p1, p2, 0.5).item() == pytest.approx(0.5 * (want + col), **F64)
 
 
 @pytest.mark.parametrize("t", [0.1, 0.5])
-def test_info_nce_matches_cross_entropy_and_loop(t):
-    g = _gen(4)
-    p1 = torch.randn(5, 6, generator=g) * 3
-    p2 = p1 + 0.5 * torch.randn(5, 6, generator=g)
-    got = info_nce(p1, p2, t)
-    torch.testing.assert_close(got, _info_nce_by_hand(p1, p2, t), rtol=1e-5, atol=1e-6)
-    assert got.item() == pytest.approx(_info_nce_loop(p1, p2, t), rel=1e-5)
+def test_info_nce_is_the_reference_one_direction_loss(t):
+    """-mean_i log_softmax(S, dim=1)_ii, S_ij = cos(p1_i, p2_j) / T: a Python loop, and the reference's
+    expression (nn.CosineSimilarity(dim=-1, eps=1e-9) of the broadcast pair, zihan-wu/local-SSL SSLLoss.py)."""
+    p1, p2 = _fixed_pair()
+    b = p1.shape[0]
+    sim = [[v / t for v in row] for row in _cos_matrix_loop(p1.tolist(), p2.tolist())]
+    want = _nll_loop(sim, list(range(b)), list(range(b)), [list(range(b))] * b)
+    assert info_nce(p1, p2, t).item() == pytest.approx(want, **F64)
+    ref_sim = torch.nn.CosineSimilarity(dim=-1, eps=1e-9)(p1.unsqueeze(1), p2.unsqueeze(0)) / t
+    ref = torch.diagonal(-F.log_softmax(ref_sim, dim=1)).mean()
+    torch.testing.assert_close(info_nce(p1, p2, t), ref, rtol=1e-12, atol=1e-12)
+    # Gradients too (autograd through both views), against the reference expression.
+    q1, q2 = p1.clone().requires_grad_(), p2.clone().requires_grad_()
+    r1, r2 = p1.clone().requires_grad_(), p2.clone().requires_grad_()
+    info_nce(q1, q2, t).backward()
+    sim_r = torch.nn.CosineSimilarity(dim=-1, eps=1e-9)(r1.unsqueeze(1), r2.unsqueeze(0)) / t
+    torch.diagonal(-F.log_softmax(sim_r, dim=1)).mean().backward()
+    torch.testing.assert_close(q1.grad, r1.grad, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(q2.grad, r2.grad, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("t", [0.1, 0.5])
+def test_info_nce_symmetric_and_nt_xent_by_loop(t):
+    p1, p2 = _fixed_pair()
+    b = p1.shape[0]
+    sim = [[v / t for v in row] for row in _cos_matrix_loop(p1.tolist(), p2.tolist())]
+    simt = [list(col) for col in zip(*sim)]
+    rows = list(range(b))
+    sym = 0.5 * (_nll_loop(sim, rows, rows, [rows] * b) + _nll_loop(simt, rows, rows, [rows] * b))
+    assert info_nce_symmetric(p1, p2, t).item() == pytest.approx(sym, **F64)
+    # NT-Xent: 2B anchors, positive = the other view, 2B - 2 negatives (every other row, self excluded).
+    z = torch.cat([p1, p2]).tolist()
+    simz = [[v / t for v in row] for row in _cos_matrix_loop(z, z)]
+    anchors = list(range(2 * b))
+    targets = [(i + b) % (2 * b) for i in anchors]
+    cols = [[j for j in anchors if j != i] for i in anchors]
+    assert nt_xent(p1, p2, t).item() == pytest.approx(_nll_loop(simz, anchors, targets, cols), **F64)
+
+
+def test_info_nce_variants_differ():
+    """The three are different losses, with different gradients (so no rule silently uses another)."""
+    p1, p2 = _fixed_pair()
+    grads = []
+    for fn in (info_nce, info_nce_symmetric, nt_xent):
+        q = p1.clone().requires_grad_()
+        fn(q, p2, 0.1).backward()
+        grads.append(q.grad)
+    for i in range(3):
+        for j in range(i + 1, 3):
+            assert (grads[i] - grads[j]).abs().max() > 1e-3 * grads[i].abs().max()
 
 
 def test_info_nce_is_scale_invariant_and_asymmetric_targets():

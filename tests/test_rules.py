@@ -18,7 +18,8 @@ What is checked (METHODS 2, docs/architecture.md "Rules"):
     every trainable parameter and keeps frozen ones; the loss goes down.
 (b) autograd == the explicit three-factor rule of METHODS 2 for one layer
     (linear and conv via unfold, pooling kernel 1, k > 1, global), for every f.
-(c) BP-InfoNCE == cross-entropy on hand-made cosine logits == a Python loop.
+(c) BP-InfoNCE == one-direction cross-entropy on hand-made cosine logits == a Python loop
+    (the reference's loss, METHODS 2.3); the loss functions themselves: tests/test_losses.py.
 """
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ from localssl.rules import (
     FEEDBACK_KINDS,
     RULES,
     SPATIAL_RULES,
+    BPInfoNCE,
     Feedback,
     RuleOptions,
     build_rule,
@@ -49,8 +51,8 @@ from localssl.rules import (
 RULE_NAMES = RULES.names()
 LOCAL_RULES = [n for n in RULE_NAMES if build_rule(n, [(4,)], RuleOptions(grids=[1])).local]
 BP_RULES = [n for n in RULE_NAMES if n not in LOCAL_RULES]
-# Rules whose loss has a feedback matrix B (every rule but InfoNCE).
-FEEDBACK_RULES = [n for n in RULE_NAMES if n != "bp-infonce"]
+# Rules whose loss has a feedback matrix B (every rule but the InfoNCE family, whose head is a projection).
+FEEDBACK_RULES = [n for n in RULE_NAMES if not isinstance(build_rule(n, [(4,)], RuleOptions(grids=[1])), BPInfoNCE)]
 N_IMAGES = 4  # B images -> 2B = 8 stacked views
 
 
@@ -269,13 +271,24 @@ def test_per_group_backward_equals_summed_backward(name, case):
 
 @pytest.mark.parametrize("name", LOCAL_RULES)
 def test_block_by_block_adamw_equals_one_adamw_on_summed_loss(name):
-    """Three block-by-block steps (train_step) == AdamW on the reference's summed loss (float64)."""
+    """Three block-by-block steps (train_step) == AdamW on the reference's summed loss (float64).
+
+    Like with like: the reference side uses the same AdamW implementation as
+    the trainer (fused or not). Fused and for-each AdamW round differently,
+    and Adam's m / sqrt(v) amplifies that wherever a gradient is near zero,
+    by an amount that depends on the CPU's kernels (3.7e-12 on one AMD
+    EPYC). With the same implementation, the only difference left is the
+    gradient, per-group backward vs one backward of the summed loss. Each
+    parameter's gradient comes from its own loss either way, so it is the
+    same sum: equal to float64 rounding, which the tolerance allows for.
+    """
     enc, rule, views = setup(name, "tail", b_l2=1e-3)
     enc, rule, views = enc.double(), rule.double(), views.double()
     enc_b, rule_b = copy.deepcopy(enc), copy.deepcopy(rule)
     opt = build_optimizer(enc, rule, lr=1e-2, weight_decay=1e-2)
     named_b = named_trainable(enc_b, rule_b)
-    opt_b = torch.optim.AdamW(list(named_b.values()), lr=1e-2, weight_decay=1e-2)
+    opt_b = torch.optim.AdamW(list(named_b.values()), lr=1e-2, weight_decay=1e-2, fused=opt.defaults["fused"],
+                              foreach=opt.defaults["foreach"])
     for _ in range(3):
         train_step(enc, rule, opt, views)
         opt_b.zero_grad(set_to_none=True)
@@ -283,7 +296,8 @@ def test_block_by_block_adamw_equals_one_adamw_on_summed_loss(name):
         opt_b.step()
     named_a = named_trainable(enc, rule)
     for n in named_a:
-        torch.testing.assert_close(named_a[n], named_b[n], rtol=1e-10, atol=1e-12, msg=n)
+        # float64: a few hundred ulps of a parameter of size <= 1, after 3 steps of size <= lr.
+        torch.testing.assert_close(named_a[n], named_b[n], rtol=1e-12, atol=1e-13, msg=n)
 
 
 @pytest.mark.parametrize("name", LOCAL_RULES)
@@ -775,7 +789,8 @@ def test_three_factor_check_sees_a_wrong_sign():
 
 @pytest.mark.parametrize("temperature", [0.1, 0.5])
 def test_bp_infonce_loss_by_hand(temperature):
-    """Projection of the globally pooled top, cosine logits view 1 vs view 2 / T, symmetrised CE."""
+    """Projection of the globally pooled top, cosine logits view 1 vs view 2 / T, CE in ONE direction
+    (rows = view 1, METHODS 2.3, the reference's loss); bp-infonce-sym averages both directions."""
     torch.manual_seed(0)
     c, s = 6, 2
     rule = build_rule("bp-infonce", [(c, s, s)], RuleOptions(temperature=temperature, proj_dim=5))
@@ -787,13 +802,14 @@ def test_bp_infonce_loss_by_hand(temperature):
     n2 = p2 / p2.norm(dim=1, keepdim=True)
     logits = n1 @ n2.T / temperature  # B x B
     target = torch.arange(N_IMAGES)
-    want = 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
     got = rule.loss(0, h)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-
-    # Naive loop of -log softmax, both directions.
+    # float32 inputs: a few ulps of float32 per term.
+    torch.testing.assert_close(got, F.cross_entropy(logits, target), rtol=1e-5, atol=1e-6)
     lg = logits.tolist()
     b = N_IMAGES
     l12 = sum(-math.log(math.exp(lg[i][i]) / sum(math.exp(lg[i][j]) for j in range(b))) for i in range(b)) / b
     l21 = sum(-math.log(math.exp(lg[j][j]) / sum(math.exp(lg[i][j]) for i in range(b))) for j in range(b)) / b
-    assert got.item() == pytest.approx(0.5 * (l12 + l21), rel=1e-5)
+    assert got.item() == pytest.approx(l12, rel=1e-5)
+    sym = build_rule("bp-infonce-sym", [(c, s, s)], RuleOptions(temperature=temperature, proj_dim=5))
+    sym.load_state_dict(rule.state_dict())
+    assert sym.loss(0, h).item() == pytest.approx(0.5 * (l12 + l21), rel=1e-5)

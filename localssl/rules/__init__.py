@@ -12,7 +12,17 @@ from localssl.registry import Registry
 from localssl.rules.base import FEEDBACK_KINDS, Rule, RuleOptions
 from localssl.rules.bp import BPInfoNCE
 from localssl.rules.clapp import BPCLAPPPlusPlus, CLAPPPlusPlus, Feedback
-from localssl.rules.losses import CONTRASTIVE_F, contrastive_loss, info_nce, scores, spatial_pool, swap_views
+from localssl.rules.losses import (
+    CONTRASTIVE_F,
+    INFONCE_LOSSES,
+    contrastive_loss,
+    info_nce,
+    info_nce_symmetric,
+    nt_xent,
+    scores,
+    spatial_pool,
+    swap_views,
+)
 
 RULES: Registry = Registry("rule")
 
@@ -24,7 +34,11 @@ RULES.register("clapp++global")(lambda shapes, opt: CLAPPPlusPlus(shapes, opt, c
 RULES.register("clapp++dfb")(lambda shapes, opt: CLAPPPlusPlus(shapes, opt, context="top", spatial=True))
 RULES.register("clapp++both")(lambda shapes, opt: CLAPPPlusPlus(shapes, opt, context="both", spatial=True))
 RULES.register("bp-clapp++")(BPCLAPPPlusPlus)
-RULES.register("bp-infonce")(BPInfoNCE)
+# METHODS 2.3: the reference's one-direction InfoNCE is *the* BP baseline;
+# the other two are different losses and keep their own names.
+RULES.register("bp-infonce")(lambda shapes, opt: BPInfoNCE(shapes, opt, loss="infonce"))
+RULES.register("bp-infonce-sym")(lambda shapes, opt: BPInfoNCE(shapes, opt, loss="infonce-symmetric"))
+RULES.register("bp-ntxent")(lambda shapes, opt: BPInfoNCE(shapes, opt, loss="nt-xent"))
 
 #: The end-to-end rule whose gradient a local rule is compared with
 #: (gradient alignment, METHODS 3).
@@ -45,5 +59,5 @@ def build_rule(name: str, feature_shapes: Sequence[tuple[int, ...]], options: Ru
 __all__ = [
     "RULES", "SPATIAL_RULES", "BP_COUNTERPART", "FEEDBACK_KINDS", "Rule", "RuleOptions", "build_rule",
     "CLAPPPlusPlus", "BPCLAPPPlusPlus", "BPInfoNCE", "Feedback", "CONTRASTIVE_F", "contrastive_loss",
-    "info_nce", "scores", "spatial_pool", "swap_views",
+    "info_nce", "info_nce_symmetric", "nt_xent", "INFONCE_LOSSES", "scores", "spatial_pool", "swap_views",
 ]

@@ -92,18 +92,58 @@ def spatial_pool(h: torch.Tensor, grid: int) -> torch.Tensor:
     return block_mean(h, H // grid, W // grid).flatten(1)  # saves nothing for backward (models/layers.py)
 
 
-def info_nce(p1: torch.Tensor, p2: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
-    """InfoNCE over the B x B view-1-vs-view-2 cosine similarity matrix (METHODS 2.3).
+def _cosine_logits(p1: torch.Tensor, p2: torch.Tensor, temperature: float) -> torch.Tensor:
+    """cos(p1_i, p2_j) / T for every pair of rows, in float32 at least.
 
-    logits_ij = cos(p1_i, p2_j) / T; the positive of row i is column i. The
-    loss is symmetrised over the two directions (view 1 -> 2 and 2 -> 1)
-    *(inferred)*: METHODS names only the B x B matrix.
+    bf16 logits / T would lose the ranking precision the softmax needs.
     """
-    # bf16 logits / T would lose the ranking precision the softmax needs.
     if p1.dtype in (torch.float16, torch.bfloat16):
         p1, p2 = p1.float(), p2.float()
-    p1 = F.normalize(p1, dim=1)
-    p2 = F.normalize(p2, dim=1)
-    logits = p1 @ p2.t() / temperature
-    target = torch.arange(p1.shape[0], device=p1.device)
-    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
+    return F.normalize(p1, dim=1) @ F.normalize(p2, dim=1).t() / temperature
+
+
+def info_nce(p1: torch.Tensor, p2: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
+    """InfoNCE over the B x B view-1-vs-view-2 cosine matrix, one direction (METHODS 2.3).
+
+    S_ij = cos(p1_i, p2_j) / T; loss = -mean_i log_softmax(S, dim=1)_ii: each
+    view-1 row must pick its own view-2 column among the B view-2 columns.
+    This is exactly the reference code's BP-InfoNCE (zihan-wu/local-SSL,
+    ``vision/models/SSLLoss.py``, ``contrast_mode='infonce'``): rows are view
+    1, nothing is detached, and gradients reach both views through S.
+    """
+    logits = _cosine_logits(p1, p2, temperature)
+    return -torch.diagonal(F.log_softmax(logits, dim=1)).mean()
+
+
+def info_nce_symmetric(p1: torch.Tensor, p2: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
+    """The mean of :func:`info_nce` in both directions (view 1 -> 2 and 2 -> 1).
+
+    Not the reference's loss (its gradients differ from it by a few to tens
+    of percent); offered under its own rule name, ``bp-infonce-sym``.
+    """
+    logits = _cosine_logits(p1, p2, temperature)
+    return -0.5 * (torch.diagonal(F.log_softmax(logits, dim=1)).mean()
+                   + torch.diagonal(F.log_softmax(logits, dim=0)).mean())
+
+
+def nt_xent(p1: torch.Tensor, p2: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
+    """SimCLR's NT-Xent (Chen et al. 2020, eq. 1): 2N-2 negatives per anchor.
+
+    Over the 2N stacked rows [p1; p2], row i's positive is its other view and
+    its negatives are the 2N - 2 other rows of both views (itself excluded);
+    the loss is the mean over all 2N anchors.
+    """
+    z = torch.cat([p1, p2])
+    logits = _cosine_logits(z, z, temperature)
+    n = p1.shape[0]
+    self_mask = torch.eye(2 * n, dtype=torch.bool, device=z.device)
+    logits = logits.masked_fill(self_mask, float("-inf"))
+    target = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(z.device)
+    return F.cross_entropy(logits, target)
+
+
+#: The InfoNCE-family losses by name: what ``BPInfoNCE`` computes at the top.
+INFONCE_LOSSES: Registry[Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]] = Registry("InfoNCE loss")
+INFONCE_LOSSES.register("infonce")(info_nce)
+INFONCE_LOSSES.register("infonce-symmetric")(info_nce_symmetric)
+INFONCE_LOSSES.register("nt-xent")(nt_xent)
