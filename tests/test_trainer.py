@@ -216,7 +216,7 @@ def test_retain_freed_memory_keeps_freed_blocks_mapped():
     import sys
 
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        pytest.skip("mallopt tuning applies to glibc only")
+        pytest.skip("not applicable: mallopt tuning applies to glibc only")
     out = subprocess.run([sys.executable, "-c", _CHURN], capture_output=True, text=True, check=True)
     res = json.loads(out.stdout.strip().splitlines()[-1])
     assert res["applied"] and res["state"].startswith("glibc, freed memory retained")
