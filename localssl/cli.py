@@ -1,7 +1,7 @@
 """The ``localssl`` command.
 
     localssl train --rule clapp++ --dataset cifar10 --data-dir DIR --epochs 20 --out runs/c10-clapp
-    localssl probe runs/c10-clapp [--random-init]
+    localssl probe runs/c10-clapp [--random-init] [--grids 8 4 4 4 2 2] [--resize 32]
     localssl demo
     localssl bench [--json]
     localssl theory [EXPERIMENT]
@@ -29,7 +29,14 @@ _HELP = {
     "dataset": "data set name (shapes10 is embedded and needs no download)",
     "data_dir": "folder (or archive) holding the data set in its official format",
     "subset": "pre-train on only this many images (deterministic per seed)",
-    "grids": "pooled grid side per block (default: the paper's grids for spatial rules)",
+    "grids": "pooled grid side per block, for the spatial rules' losses and the probe's features (train default: "
+    "the paper's grids where they divide the feature maps, else the largest divisor below them; probe default: "
+    "the run's)",
+    "resize": "resize every image to S x S pixels (bicubic) when the data set is first decoded into the cache "
+    "(train default: keep the images' size; probe default: the run's)",
+    "mean": "per-channel normalisation mean, 0..1 scale (default: the data set's published values; imagefolder: "
+    "its own, computed once from its images)",
+    "std": "per-channel normalisation std, 0..1 scale (default: as for --mean)",
     "max_steps": "stop after this many optimisation steps (overrides epochs)",
     "batch_size": "images per batch (two views each)",
     "micro_batch": "views per chunk inside a step: the same gradient with one chunk's activations held, "

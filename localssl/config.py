@@ -2,9 +2,11 @@
 
 Every option of ``localssl train`` and ``localssl probe`` is a field here.
 A YAML file gives a base (``--config``), command-line flags override it, and
-the resolved config is saved with the run. Unknown keys and names are errors
-that list the valid ones; impossible values are caught before training
-starts, with a message that says what to change.
+the resolved config is saved with the run: what was left to a default that
+depends on the data (``grids``, ``mean``, ``std``) is written out as the run
+used it, so ``probe`` and ``align`` read the run's own values. Unknown keys
+and names are errors that list the valid ones; impossible values are caught
+before training starts, with a message that says what to change.
 """
 from __future__ import annotations
 
@@ -37,10 +39,17 @@ class TrainConfig:
     data_dir: str | None = None
     download: bool = False
     subset: int | None = None  # pre-train on a fixed class-balanced subset of this many images
+    resize: int | None = None  # images resized to resize x resize when first decoded into the cache
     crop_scale: list[float] | None = None
+    # per-channel normalisation (0..1 scale); None: the data set's published
+    # values, or imagefolder's own (computed once, kept in the cache). Saved resolved.
+    mean: list[float] | None = None
+    std: list[float] | None = None
     # rule options (METHODS 2)
     f: str = "hinge"
     feedback: str = "trainable"
+    # pooled grid side per block (METHODS 2.2), for the spatial rules' losses
+    # and the probe's features; None: `default_grids` at the input size. Saved resolved.
     grids: list[int] | None = None
     b_l2: float = 0.0
     temperature: float = 0.1
@@ -77,6 +86,8 @@ class ProbeConfig:
     protocols: list[str] = field(default_factory=lambda: ["fast", "knn"])
     dataset: str | None = None
     data_dir: str | None = None
+    resize: int | None = None  # None: the run's
+    grids: list[int] | None = None  # None: the run's (fitted to the input size for runs that saved none)
     train_subset: int | None = None
     test_subset: int | None = None
     epochs_fast: int = 100
@@ -91,7 +102,7 @@ class ProbeConfig:
     out: str | None = None
 
 
-PROBE_PROTOCOLS = ("fast", "paper", "knn")
+PROBE_PROTOCOLS = ("fast", "paper", "paper-bn", "knn")
 AMP_MODES = ("auto", "bf16", "off")
 
 
@@ -224,35 +235,69 @@ def validate_train(cfg: TrainConfig) -> None:
         )
     if cfg.subset is not None and cfg.subset < cfg.batch_size:
         raise ConfigError(f"subset={cfg.subset} is smaller than one batch ({cfg.batch_size} images)")
+    if cfg.resize is not None and cfg.resize <= 0:
+        raise ConfigError(f"resize must be > 0 pixels (or unset to keep the images' size), got {cfg.resize}")
     spec = dataset_spec(cfg.dataset)
-    if spec.image_size is None:
+    check_normalization(cfg.mean, cfg.std, None if spec.image_size is None else spec.channels)
+    image_size = cfg.resize or spec.image_size
+    if image_size is None:
         return  # known only once the data is read (imagefolder): train() checks again then
-    check_shapes(cfg, spec.image_size, spec.channels)
+    check_shapes(cfg, image_size, spec.channels)
 
 
-def check_shapes(cfg: TrainConfig, image_size: int, channels: int) -> None:
-    """Grids and rule against the encoder's block shapes at ``image_size``."""
-    from localssl.models import build_encoder, default_grids
-    from localssl.rules import SPATIAL_RULES, build_rule
+def check_grids(
+    encoder: str, grids: list[int] | None, shapes: list[tuple[int, ...]], image_size: int, what: str = "pooling grids"
+) -> list[int]:
+    """``grids`` checked against the blocks' ``(C, H, W)`` outputs, or the defaults for them when None.
+
+    The defaults are `default_grids` at this input size (the paper's grids
+    where they fit, METHODS 2.2). Grids that do not fit are one error listing
+    every block that fails, with its map size and the grids it allows.
+    """
+    from localssl.models import default_grids, grid_choices
+
+    fitted = default_grids(encoder, shapes=shapes)
+    if grids is None:
+        return fitted
+    if len(grids) != len(shapes):
+        raise ConfigError(
+            f"{what} {grids} have {len(grids)} entries but encoder {encoder} has {len(shapes)} blocks "
+            f"(the default at {image_size}px: --grids {' '.join(map(str, fitted))})"
+        )
+    bad = [
+        f"block {k + 1}: grid {g} does not fit its {s[1]}x{s[2]} map (use one of {grid_choices(s[1], s[2])})"
+        for k, (g, s) in enumerate(zip(grids, shapes))
+        if g < 1 or s[1] % g or s[2] % g
+    ]
+    if bad:
+        raise ConfigError(
+            f"{what} {grids} do not fit encoder {encoder}'s feature maps at {image_size}px input: "
+            + "; ".join(bad)
+            + f". Pass --grids with one grid per block, e.g. --grids {' '.join(map(str, fitted))} "
+            "(the default at this size)"
+        )
+    return list(grids)
+
+
+def check_shapes(cfg: TrainConfig, image_size: int, channels: int) -> list[int]:
+    """Grids and rule against the encoder's block shapes at ``image_size``; returns the run's grids.
+
+    Every run resolves its grids, whatever the rule: a spatial rule pools its
+    loss to them, and the probe pools every run's features to them. Rules
+    that do not pool spatially ignore them.
+    """
+    from localssl.models import build_encoder
+    from localssl.rules import build_rule
 
     enc = build_encoder(cfg.encoder, cfg.width, channels)
     try:
         shapes = enc.feature_shapes((channels, image_size, image_size))
     except RuntimeError as e:
-        raise ConfigError(f"encoder {cfg.encoder} cannot take {image_size}px images from {cfg.dataset}: {e}") from None
-    grids = cfg.grids
-    if grids is None and cfg.rule in SPATIAL_RULES:
-        grids = default_grids(cfg.encoder, len(enc))
-    if grids is not None:
-        if len(grids) != len(shapes):
-            raise ConfigError(f"grids has {len(grids)} entries but encoder {cfg.encoder} has {len(shapes)} blocks")
-        for k, (g, s) in enumerate(zip(grids, shapes)):
-            if g < 1 or s[1] % g or s[2] % g:
-                sizes = [d for d in range(1, s[1] + 1) if s[1] % d == 0]
-                raise ConfigError(
-                    f"pooling grid {g} of block {k + 1} does not fit its {s[1]}x{s[2]} map at "
-                    f"{image_size}px input; use one of {sizes}"
-                )
+        raise ConfigError(
+            f"encoder {cfg.encoder} cannot take {image_size}px images from {cfg.dataset}: {e}; "
+            "pass a larger --resize"
+        ) from None
+    grids = check_grids(cfg.encoder, cfg.grids, shapes, image_size)
     try:
         import torch
 
@@ -260,6 +305,21 @@ def check_shapes(cfg: TrainConfig, image_size: int, channels: int) -> None:
             build_rule(cfg.rule, shapes, rule_options(cfg, grids))
     except ValueError as e:
         raise ConfigError(f"rule {cfg.rule}: {e}") from None
+    return grids
+
+
+def check_normalization(mean: list[float] | None, std: list[float] | None, channels: int | None = None) -> None:
+    """``mean``/``std`` given together, one entry per channel, std > 0."""
+    if (mean is None) != (std is None):
+        raise ConfigError("mean and std go together: give both (one value per channel) or neither")
+    if mean is None or std is None:
+        return
+    if len(mean) != len(std):
+        raise ConfigError(f"mean has {len(mean)} values but std has {len(std)}")
+    if min(std) <= 0:
+        raise ConfigError(f"std must be > 0 per channel, got {std}")
+    if channels is not None and len(mean) != channels:
+        raise ConfigError(f"mean/std have {len(mean)} values but the images have {channels} channel(s)")
 
 
 def rule_options(cfg: TrainConfig, grids: list[int] | None = None) -> RuleOptions:
@@ -278,9 +338,13 @@ def validate_probe(cfg: ProbeConfig) -> None:
         raise ConfigError("knn_k must be >= 1 and knn_t > 0")
     if cfg.amp not in AMP_MODES:
         raise ConfigError(f"unknown amp mode {cfg.amp!r}; valid: {', '.join(AMP_MODES)}")
+    if cfg.resize is not None and cfg.resize <= 0:
+        raise ConfigError(f"resize must be > 0 pixels (or unset for the run's), got {cfg.resize}")
+    if cfg.grids is not None and min(cfg.grids, default=1) < 1:
+        raise ConfigError(f"grids must be >= 1 per block, got {cfg.grids}")
 
 
 __all__ = [
     "ConfigError", "TrainConfig", "ProbeConfig", "from_dict", "to_dict", "load_yaml", "save_yaml", "replace",
-    "validate_train", "validate_probe", "rule_options",
+    "validate_train", "validate_probe", "rule_options", "check_grids", "check_shapes", "check_normalization",
 ]

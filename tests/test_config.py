@@ -16,10 +16,11 @@ from localssl.config import (
 
 
 def test_yaml_round_trip(tmp_path):
-    cfg = TrainConfig(rule="clapp++dfb", width=0.5, grids=[8, 4, 4, 4, 2, 2], subset=100, crop_scale=[0.25, 1.0])
+    cfg = TrainConfig(rule="clapp++dfb", width=0.5, grids=[8, 4, 4, 4, 2, 2], subset=100, crop_scale=[0.25, 1.0],
+                      resize=64, mean=[0.4914, 0.4822, 0.4465], std=[0.2470, 0.2435, 0.2616])
     save_yaml(cfg, tmp_path / "c.yaml")
     assert load_yaml(TrainConfig, tmp_path / "c.yaml") == cfg
-    p = ProbeConfig(protocols=["fast", "paper"], random_init=True)
+    p = ProbeConfig(protocols=["fast", "paper"], random_init=True, grids=[7, 2, 2, 1, 1, 1], resize=28)
     save_yaml(p, tmp_path / "p.yaml")
     assert load_yaml(ProbeConfig, tmp_path / "p.yaml") == p
 
@@ -44,8 +45,14 @@ def test_wrong_type_names_the_key():
         ({"f": "relu"}, r"unknown loss function f 'relu'.*hinge"),
         ({"feedback": "random"}, r"unknown feedback.*fixed"),
         ({"batch_size": 1}, "at least 2 images"),
-        ({"grids": [8, 4, 4, 3, 2, 2]}, r"grid 3 of block 4 does not fit its 8x8 map at 32px.*\[1, 2, 4, 8\]"),
+        ({"grids": [8, 4, 4, 3, 2, 2]}, r"at 32px input: block 4: grid 3 does not fit its 8x8 map .*\[1, 2, 4, 8\]"),
         ({"grids": [8, 4]}, "2 entries but encoder vgg6 has 6 blocks"),
+        ({"resize": 40, "grids": [8, 4, 4, 4, 2, 2]}, r"at 40px input: block 4: .*10x10.*; block 5: .*5x5"),
+        ({"resize": 8}, "cannot take 8px images.*--resize"),
+        ({"resize": 0}, "resize must be > 0"),
+        ({"mean": [0.5, 0.5, 0.5]}, "mean and std go together"),
+        ({"mean": [0.5], "std": [0.2]}, "1 values but the images have 3 channel"),
+        ({"mean": [0.5] * 3, "std": [0.2, 0.0, 0.2]}, "std must be > 0"),
         ({"f": "linear"}, "b_l2"),
         ({"lr": 0}, "lr must be > 0"),
     ],
@@ -84,3 +91,17 @@ def test_cli_list_flags_parse_to_typed_lists(tmp_path, monkeypatch):
 
     args = build_parser().parse_args(["probe", "runs/x", "--protocols", "fast", "knn", "paper"])
     assert _resolve(ProbeConfig, args).protocols == ["fast", "knn", "paper"]
+    args = build_parser().parse_args(["probe", "runs/x", "--grids", "7", "2", "2", "1", "1", "1", "--resize", "28"])
+    probe = _resolve(ProbeConfig, args)
+    assert probe.grids == [7, 2, 2, 1, 1, 1] and probe.resize == 28
+    args = build_parser().parse_args(["train", "--resize", "64", "--mean", "0.5", "--std", "0.25"])
+    cfg = _resolve(TrainConfig, args)
+    assert (cfg.resize, cfg.mean, cfg.std) == (64, [0.5], [0.25])
+
+
+def test_probe_config_checks_grids_and_resize():
+    from localssl.config import validate_probe
+
+    for bad, pattern in (({"resize": -1}, "resize must be > 0"), ({"grids": [0, 1]}, "grids must be >= 1")):
+        with pytest.raises(ConfigError, match=pattern):
+            validate_probe(ProbeConfig(**bad))

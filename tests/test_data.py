@@ -505,10 +505,63 @@ def test_imagefolder_size_mismatch_names_file_or_resizes(tmp_path):
     files = {f"{c}/{i}.png": _encode(_folder_img(k, i)) for k, c in enumerate(CLASSES) for i in range(2)}
     files["dog/odd.png"] = _encode(np.zeros((10, 12, 3), np.uint8))
     root = _write_tree("zip", tmp_path / "mixed", files)
-    with pytest.raises(DatasetError, match=r"odd\.png.*resize"):
+    with pytest.raises(DatasetError, match=r"odd\.png.*pass --resize S, or resize=S"):
         load_dataset("imagefolder", root, "all")
     data = load_dataset("imagefolder", root, "all", resize=16)
     assert data.images.shape == (5, 16, 16, 3)
+
+
+def _gray_files(n: int = 3) -> dict[str, bytes]:
+    return {f"{c}/{i}.png": _encode(np.full((6, 6), 10 * k + i, np.uint8)) for k, c in enumerate(CLASSES)
+            for i in range(n)}
+
+
+def test_imagefolder_grayscale_stays_single_channel_and_colour_makes_rgb(tmp_path):
+    files = _gray_files()
+    root = _write_tree("zip", tmp_path / "gray", files)
+    gray = load_dataset("imagefolder", root, "all")
+    assert gray.images.shape == (6, 6, 6, 1)
+    np.testing.assert_array_equal(gray.images[:, 0, 0, 0], [0, 1, 2, 10, 11, 12])
+    spec = dataset_spec("imagefolder").resolved(gray)
+    assert spec.channels == 1 and spec.mean == gray.channel_stats()[0] and len(spec.std) == 1
+    # One colour file (mode RGB) anywhere makes the split RGB, the gray files tripled.
+    files["dog/9.png"] = _encode(np.dstack([np.full((6, 6), v, np.uint8) for v in (200, 100, 50)]))
+    mixed = load_dataset("imagefolder", _write_tree("folder", tmp_path / "mixed", files), "all")
+    assert mixed.images.shape == (7, 6, 6, 3)
+    np.testing.assert_array_equal(mixed.images[0, 0, 0], [0, 0, 0])
+    np.testing.assert_array_equal(mixed.images[3, 0, 0], [10, 10, 10])
+    np.testing.assert_array_equal(mixed.images[-1, 0, 0], [200, 100, 50])
+    # The channel count follows the files' mode: an RGB file of gray pixels is still RGB.
+    rgb = {k: _encode(np.full((6, 6), 10 * i, np.uint8), mode="RGB") for i, k in enumerate(_gray_files())}
+    assert load_dataset("imagefolder", _write_tree("tar.gz", tmp_path / "rgb", rgb), "all").images.shape[3] == 3
+
+
+def test_channel_stats_are_exact_and_kept_in_the_cache(tmp_path):
+    import math
+    from fractions import Fraction
+
+    x = np.random.default_rng(0).integers(0, 256, (5, 4, 3, 2), dtype=np.uint8)
+    mean, std = channel_stats(x)
+    for c in range(2):
+        v = [int(a) for a in x[..., c].reshape(-1)]
+        m = len(v)
+        # Exact sums, then correctly rounded divisions: bit-identical to the rational result.
+        assert mean[c] == float(Fraction(sum(v), 255 * m))
+        assert std[c] == math.sqrt(float(Fraction(sum(a * a for a in v) * m - sum(v) ** 2, 255 * 255 * m * m)))
+    assert channel_stats(x[::-1]) == (mean, std)  # order-free
+
+    root = _write_tree("folder", tmp_path / "d", _folder_files())
+    first = load_dataset("imagefolder", root, "train")
+    meta = next(p for p in _cache_files(tmp_path) if p.suffix == ".json")
+    m = json.loads(meta.read_text())
+    assert (tuple(m["mean"]), tuple(m["std"])) == channel_stats(np.array(first.images)) == first.stats
+    again = load_dataset("imagefolder", root, "train")
+    assert again.stats == first.stats  # read back, not recomputed
+    # An entry written before the stats were kept still loads; its stats are computed when asked.
+    del m["mean"], m["std"]
+    meta.write_text(json.dumps(m))
+    old = load_dataset("imagefolder", root, "train")
+    assert old.stats is None and old.channel_stats() == first.stats
 
 
 @pytest.mark.parametrize("damage", ["truncate", "bad_image"])
@@ -659,6 +712,9 @@ def test_max_items_same_subset_from_stream_and_from_full_cache(tmp_path, monkeyp
     np.testing.assert_array_equal(sub_fresh.images, sub_from_full.images)
     np.testing.assert_array_equal(sub_fresh.labels, sub_from_full.labels)
     assert len(full) == 6 and np.bincount(sub_fresh.labels).tolist() == [2, 2]
+    # The normalisation of a subset is the subset's, whichever way it was loaded.
+    assert sub_fresh.stats is not None and sub_from_full.stats is None
+    assert sub_from_full.channel_stats() == sub_fresh.stats
 
 
 def test_explicit_cache_dir_argument(tmp_path):
@@ -722,15 +778,37 @@ def test_registry_specs_and_errors(tmp_path):
     assert dataset_spec("tinyimagenet").test_split == "val"
     for name in DATASETS:
         spec = dataset_spec(name)
-        assert spec.name == name and len(spec.mean) == len(spec.std) == spec.channels
+        published = spec.mean is not None
+        assert spec.name == name and (not published or len(spec.mean) == len(spec.std) == spec.channels)
+        assert published == (name != "imagefolder")  # named data sets keep their published constants
     with pytest.raises(KeyError, match="cifar10"):
         load_dataset("cifar100", tmp_path, "train")
     with pytest.raises(DatasetError, match=r"unknown split 'valid'.*train, test"):
         load_dataset("cifar10", tmp_path, "valid")
-    with pytest.raises(TypeError, match="resize"):
-        load_dataset("cifar10", tmp_path, "train", resize=32)
+    with pytest.raises(TypeError, match="colour.*accepted options: resize"):
+        load_dataset("cifar10", tmp_path, "train", colour=True)
     data = load_dataset("shapes10", None, "test", max_items=100)
-    assert dataset_spec("imagefolder").resolved(data).image_size == 32
+    resolved = dataset_spec("imagefolder").resolved(data)
+    assert resolved.image_size == 32 and (resolved.mean, resolved.std) == data.channel_stats()
+    assert dataset_spec("shapes10").resolved(data).mean == dataset_spec("shapes10").mean
+
+
+def _bicubic(images: np.ndarray, side: int) -> np.ndarray:
+    return np.stack([np.asarray(Image.fromarray(im).resize((side, side), Image.Resampling.BICUBIC)) for im in images])
+
+
+def test_resize_works_for_every_data_set_and_is_cached(tmp_path):
+    files, (x, _), _ = make_cifar_files()
+    write_cifar_tar(tmp_path / "cifar-10-python.tar.gz", files)
+    small = load_dataset("cifar10", tmp_path, "train", resize=16)
+    np.testing.assert_array_equal(small.images, _bicubic(x, 16))
+    again = load_dataset("cifar10", tmp_path, "train", resize=16)
+    assert isinstance(again.images, np.memmap) and again.stats == small.stats
+    np.testing.assert_array_equal(load_dataset("cifar10", tmp_path, "train").images, x)  # its own entry
+    assert load_dataset("cifar10", tmp_path, "train", resize=None).images.shape == x.shape
+    shapes = load_dataset("shapes10", None, "test", max_items=10)
+    np.testing.assert_array_equal(load_dataset("shapes10", None, "test", max_items=10, resize=20).images,
+                                  _bicubic(shapes.images, 20))
 
 
 # ============================================================================ real data

@@ -12,19 +12,26 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from localssl.data.augment import Preprocess
+from localssl.data.augment import CropFlip, Preprocess, ResizedCropFlip
 from localssl.evaluation import (
+    PAPER_CROP_RATIO,
+    PAPER_CROP_SCALE,
     CenterCropPreprocess,
     extract_features,
     feature_dims,
     knn_accuracy,
     knn_predict,
     linear_probe,
+    make_paper_bn_head,
+    make_paper_head,
+    paper_bn_linear_probe,
     paper_linear_probe,
     random_init_like,
     run_probe,
 )
+from localssl.evaluation import linear as linear_mod
 from localssl.models import build_encoder, default_grids
 
 MEAN, STD = [0.5, 0.5, 0.5], [0.25, 0.25, 0.25]
@@ -62,7 +69,9 @@ def without_timings(r: dict) -> dict:
     r = json.loads(json.dumps(r))
     r.pop("seconds")
     r.pop("timings")
-    r.get("paper", {}).pop("train_seconds", None)
+    for key in ("paper", "paper-bn"):
+        r.get(key, {}).pop("train_seconds", None)
+        r.get(key, {}).pop("test_seconds", None)
     return r
 
 
@@ -118,10 +127,10 @@ def test_bf16_autocast_still_returns_close_float32_features(encoder, data):
 
 def test_a_grid_that_does_not_divide_the_block_output_is_a_clear_error(encoder, data):
     pre = Preprocess(MEAN, STD)
-    with pytest.raises(ValueError, match=r"block 5: pooling grid 3 does not divide .*2x2"):
+    with pytest.raises(ValueError, match=r"block 6: pooling grid 3 does not divide .*2x2"):
         extract_features(encoder, data[0].images[:2], pre, grids=[8, 4, 4, 4, 2, 3])
     # 16 px input: the last block's output is 1x1, which the reference grid 2 cannot cover.
-    with pytest.raises(ValueError, match=r"block 5: pooling grid 2 .*1x1"):
+    with pytest.raises(ValueError, match=r"block 6: pooling grid 2 .*1x1"):
         extract_features(encoder, data[0].images[:2, :16, :16], pre, grids=GRIDS)
     with pytest.raises(ValueError, match="6 blocks"):
         extract_features(encoder, data[0].images[:2], pre, grids=[8, 4])
@@ -202,12 +211,146 @@ def test_paper_probe_with_a_centre_crop_smaller_than_the_image(encoder, data):
     # 24 px crops: blocks output 24, 12, 12, 6, 3, 1 -> grids that divide them.
     r = paper_linear_probe(encoder, train.images, train.labels, test.images, test.labels, mean=MEAN, std=STD,
                            grids=[4, 2, 2, 2, 1, 1], epochs=2, crop_size=24, seed=0)
-    assert r["crop_size"] == 24 and r["normalization"] == "batchnorm1d_no_affine"
+    assert r["crop_size"] == 24 and r["normalization"] == "none"
     assert r["test_acc"] > 0.9
-    # The reference grids do not fit 24 px: block 3's output is 6x6.
-    with pytest.raises(ValueError, match="block 3: pooling grid 4 does not divide .*6x6"):
+    # The reference grids do not fit 24 px: block 4's output is 6x6.
+    with pytest.raises(ValueError, match="block 4: pooling grid 4 does not divide .*6x6"):
         paper_linear_probe(encoder, train.images, train.labels, test.images, test.labels, mean=MEAN, std=STD,
                            grids=GRIDS, epochs=1, crop_size=24)
+
+
+NORM_LAYERS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm)
+
+
+def test_paper_head_is_one_linear_layer_with_bias_and_nothing_in_front():
+    head = make_paper_head(12, 3)
+    assert [type(m) for m in head.modules()] == [nn.Linear]  # no BatchNorm/LayerNorm/standardisation
+    assert head.bias is not None and head.bias.shape == (3,)
+    # Raw features: the logits are affine in the input, so scaling the
+    # features scales the logits minus the bias (a normalising layer would
+    # make them scale-invariant instead). float64: exact up to rounding.
+    head = head.double()
+    x = torch.randn(5, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(head(x), x @ head.weight.T + head.bias, rtol=0, atol=1e-12)
+        torch.testing.assert_close(head(7 * x) - head.bias, 7 * (head(x) - head.bias), rtol=1e-12, atol=1e-12)
+    # paper-bn (ours) is the one with the BatchNorm.
+    assert any(isinstance(m, nn.BatchNorm1d) for m in make_paper_bn_head(12, 3).modules())
+
+
+def _spy(monkeypatch, name: str) -> list:
+    built = []
+    real = getattr(linear_mod, name)
+    monkeypatch.setattr(linear_mod, name, lambda *a: built.append(real(*a)) or built[-1])
+    return built
+
+
+def test_the_paper_probe_trains_the_bare_linear_head_and_paper_bn_the_batchnorm_one(encoder, data, monkeypatch):
+    train, test = data
+    heads = _spy(monkeypatch, "make_paper_head")
+    bn_heads = _spy(monkeypatch, "make_paper_bn_head")
+    kw = dict(mean=MEAN, std=STD, grids=GRIDS, epochs=1, seed=0)
+    r = paper_linear_probe(encoder, train.images[:40], train.labels[:40], test.images[:8], test.labels[:8], **kw)
+    assert len(heads) == 1 and not bn_heads
+    assert not any(isinstance(m, NORM_LAYERS) for m in heads[0].modules())
+    assert r["normalization"] == "none" and r["augmentation"] == "random_resized_crop+hflip"
+    assert r["crop_scale"] == [0.08, 1.0] and r["crop_ratio"] == [3 / 4, 4 / 3]
+    rb = paper_bn_linear_probe(encoder, train.images[:40], train.labels[:40], test.images[:8], test.labels[:8], **kw)
+    assert len(bn_heads) == 1 and len(heads) == 1
+    assert rb["normalization"] == "batchnorm1d_no_affine" and rb["augmentation"] == "pad_crop+hflip"
+    assert rb["padding"] == 4
+
+
+def marker_images(n: int, size: int) -> torch.Tensor:
+    """uint8 NHWC images whose channel 0 is 3x and channel 1 is 3y (pixel coordinates)."""
+    ramp = 3 * torch.arange(size, dtype=torch.uint8)
+    img = torch.zeros(size, size, 3, dtype=torch.uint8)
+    img[..., 0] = ramp.view(1, -1)
+    img[..., 1] = ramp.view(-1, 1)
+    return img.expand(n, -1, -1, -1).contiguous()
+
+
+def crop_boxes(out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Width, height and flip of each crop, read back from the augmented marker images.
+
+    Bilinear resizing reproduces a linear ramp, and at the output's border
+    pixels it samples the crop's first and last pixels exactly (upsampling
+    clamps the half-pixel source index to the crop), so the min and max of
+    the ramp are the crop's first and last pixel coordinates.
+    """
+    x = (out[:, 0] * 255 / 3).round()
+    y = (out[:, 1] * 255 / 3).round()
+    w = x.amax(dim=(1, 2)) - x.amin(dim=(1, 2)) + 1
+    h = y.amax(dim=(1, 2)) - y.amin(dim=(1, 2)) + 1
+    flipped = x[:, 0, 0] > x[:, 0, -1]
+    return w, h, flipped
+
+
+def test_paper_augmentation_is_a_random_resized_crop_of_scale_008_to_1_and_a_flip():
+    size, n = 64, 512
+    aug = ResizedCropFlip(size, [0.0] * 3, [1.0] * 3)
+    # The modules and their parameters ...
+    crop, flip = aug.augment
+    assert type(crop).__name__ == "RandomResizedCrop" and type(flip).__name__ == "RandomHorizontalFlip"
+    assert crop._param_generator.scale == PAPER_CROP_SCALE == (0.08, 1.0)
+    assert crop._param_generator.ratio == PAPER_CROP_RATIO == (3 / 4, 4 / 3)
+    assert crop.flags["size"] == (size, size) and flip.p == 0.5
+    # ... and what they do, on images that encode pixel coordinates.
+    torch.manual_seed(0)
+    out = aug(marker_images(n, size))
+    assert out.shape == (n, 3, size, size)
+    w, h, flipped = crop_boxes(out)
+    # torchvision/kornia draw area s*H*W (s in scale) and ratio r, then round
+    # w = sqrt(s*H*W*r) and h = sqrt(s*H*W/r) to integers: each is within
+    # 0.5 of its real value, which bounds the area and the ratio.
+    hw = size * size
+    assert ((w + 0.5) * (h + 0.5) >= 0.08 * hw).all() and (w * h <= hw).all()
+    assert ((w + 0.5) / (h - 0.5) >= 3 / 4).all() and ((w - 0.5) / (h + 0.5) <= 4 / 3).all()
+    # The area fraction is drawn uniformly in [0.08, 1]: P(s < 0.12) = 0.043
+    # per crop, so 512 crops without one would have probability < 1e-9;
+    # likewise for s > 0.9 (the top of the range is thinned by the crops that
+    # do not fit the image and are redrawn, far from enough to matter).
+    area = w * h / hw
+    assert area.min() < 0.12 and area.max() > 0.9
+    assert (w / h).max() > 1.2 and (w / h).min() < 1 / 1.2  # aspect ratios drawn, not only squares
+    # Flip p = 0.5: 512 draws give 256 +- 11 (one std); 5 std either side.
+    assert abs(int(flipped.sum()) - n // 2) < 5 * 11.4
+    # The pad-4 crop of paper-bn never cuts below (64 - 8) / 64 of each side.
+    w2, h2, _ = crop_boxes(CropFlip(size, [0.0] * 3, [1.0] * 3)(marker_images(64, size)))
+    assert (w2 * h2 / hw).min() >= ((size - 8) / size) ** 2
+
+
+def test_resized_crop_flip_rejects_a_bad_scale():
+    with pytest.raises(ValueError, match="crop scale"):
+        ResizedCropFlip(32, MEAN, STD, scale=(0.5, 0.1))
+
+
+def test_paper_probe_records_final_and_best_test_accuracy_of_every_epoch(encoder):
+    # Random labels: the test accuracy wanders from epoch to epoch, so the
+    # best and the final differ in general.
+    train, test = colour_images(96, seed=5, random_labels=True), colour_images(80, seed=6, random_labels=True)
+    kw = dict(mean=MEAN, std=STD, grids=GRIDS, seed=3)
+    r = paper_linear_probe(encoder, train.images, train.labels, test.images, test.labels, epochs=5, **kw)
+    curve = r["test_acc_curve"]
+    assert len(curve) == r["epochs"] == 5 and r["reference_epochs"] == 300
+    assert all(0 <= a <= 1 and (a * 80).is_integer() for a in curve)
+    assert len(set(curve)) > 1  # the check below is not vacuous
+    assert r["test_acc_final"] == curve[-1] == r["test_acc"]  # test_acc = final, for older readers
+    assert r["test_acc_best"] == max(curve) >= r["test_acc_final"]
+    assert curve[r["best_epoch"] - 1] == r["test_acc_best"]  # the first epoch that reaches the best
+    assert all(a < r["test_acc_best"] for a in curve[:r["best_epoch"] - 1])
+    assert len(r["train_loss_curve"]) == 5 and r["train_loss"] == r["train_loss_curve"][-1]
+    # Entry k is the test accuracy of the head after epoch k: a run stopped
+    # after 2 epochs ends where this one stood after 2 (same seed, same draws).
+    short = paper_linear_probe(encoder, train.images, train.labels, test.images, test.labels, epochs=2, **kw)
+    assert short["test_acc_curve"] == curve[:2] and short["test_acc_final"] == curve[1]
+    # paper-bn tests once, after training, unless asked to test every epoch.
+    bn = paper_bn_linear_probe(encoder, train.images, train.labels, test.images, test.labels, epochs=2, **kw)
+    assert "test_acc_best" not in bn and "test_acc_curve" not in bn and bn["test_acc"] == bn["test_acc_final"]
+    bn_every = paper_bn_linear_probe(encoder, train.images, train.labels, test.images, test.labels, epochs=2,
+                                     test_every_epoch=True, **kw)
+    assert bn_every["test_acc_curve"][-1] == bn["test_acc_final"] and bn_every["test_acc_best"] == max(
+        bn_every["test_acc_curve"])
 
 
 # ------------------------------------------------------------------ run_probe
@@ -215,14 +358,17 @@ def test_paper_probe_with_a_centre_crop_smaller_than_the_image(encoder, data):
 
 def test_run_probe_reads_the_class_from_mean_colour(encoder, data):
     train, test = data
-    r = run_probe(encoder, train, test, mean=MEAN, std=STD, grids=GRIDS, protocols=("fast", "knn", "paper"),
-                  fast_epochs=20, paper_epochs=2, knn_k=20, knn_features=("last", "all"), seed=0)
+    r = run_probe(encoder, train, test, mean=MEAN, std=STD, grids=GRIDS,
+                  protocols=("fast", "knn", "paper", "paper-bn"), fast_epochs=20, paper_epochs=2, knn_k=20,
+                  knn_features=("last", "all"), seed=0)
     json.dumps(r)  # the CLI writes it as JSON
     assert r["num_train"] == 160 and r["num_test"] == 80 and r["num_classes"] == 4
     assert r["feature_dims"]["all"] == feature_dims(encoder, (3, 32, 32), GRIDS)["all"]
     assert r["fast_all"]["train_acc"] > 0.97 and r["fast_all"]["test_acc"] > 0.95
     assert r["knn_all"]["test_acc"] > 0.95
-    assert r["paper"]["test_acc"] > 0.9
+    assert r["paper"]["test_acc_final"] > 0.9 and r["paper"]["normalization"] == "none"
+    assert r["paper-bn"]["test_acc"] > 0.9 and r["paper-bn"]["normalization"] == "batchnorm1d_no_affine"
+    assert r["paper"]["epochs"] == r["paper-bn"]["epochs"] == 2
     for key in ("fast_last", "knn_last"):
         assert 0.0 <= r[key]["test_acc"] <= 1.0
     assert r["seconds"] > 0

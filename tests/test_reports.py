@@ -7,7 +7,7 @@ import yaml
 
 from localssl.config import TrainConfig, to_dict
 from localssl.reports.demo import run_demo
-from localssl.reports.tables import collect, markdown_table
+from localssl.reports.tables import collect, describe, markdown_table
 
 
 def test_demo_runs_end_to_end_and_writes_table_and_plot(tmp_path, capsys):
@@ -21,17 +21,52 @@ def test_demo_runs_end_to_end_and_writes_table_and_plot(tmp_path, capsys):
     assert json.loads((tmp_path / "demo" / "results.json").read_text())["accuracy_percent"] == out["accuracy"]
 
 
-def test_report_table_comes_from_the_result_files(tmp_path):
-    run = tmp_path / "runs" / "a"
+def _run(root, name: str, probe: dict, extra: dict | None = None, extra_random: dict | None = None):
+    run = root / "runs" / name
     run.mkdir(parents=True)
     (run / "config.yaml").write_text(yaml.safe_dump(to_dict(TrainConfig(rule="clapp++", subset=1000))))
     (run / "summary.json").write_text(json.dumps({"steps": 31, "images_per_s": 12.0}))
-    probe = {"fast_all": {"test_acc": 0.5123}, "fast_last": {"test_acc": 0.25}, "knn_last": {"test_acc": 0.2}}
     (run / "probe.json").write_text(json.dumps(probe))
-    (run / "probe-paper.json").write_text(json.dumps({"paper": {"test_acc": 0.6}, "num_train": 100}))
+    if extra is not None:
+        (run / "probe-paper.json").write_text(json.dumps(extra))
     (run / "probe-random-init.json").write_text(json.dumps(probe | {"fast_all": {"test_acc": 0.4}}))
+    if extra_random is not None:
+        (run / "probe-random-init-paper.json").write_text(json.dumps(extra_random))
+    return run
+
+
+FAST = {"fast_all": {"test_acc": 0.5123}, "fast_last": {"test_acc": 0.25}, "knn_last": {"test_acc": 0.2}}
+
+
+def test_report_table_comes_from_the_result_files(tmp_path):
+    paper = {"test_acc": 0.6, "test_acc_final": 0.6, "test_acc_best": 0.625, "best_epoch": 2, "epochs": 3,
+             "reference_epochs": 300, "normalization": "none"}
+    _run(tmp_path, "a", FAST, extra={"paper": paper, "num_train": 100})
     rows = collect(tmp_path / "runs")
-    table = markdown_table(rows)
-    lines = table.splitlines()
-    assert lines[2].startswith("| clapp++ | 60.00 | 51.23 | 25.00 | 20.00 | 31 steps x 32 images (of 1000)")
-    assert lines[3].startswith("| random-init | - | 40.00 |")
+    lines = markdown_table(rows).splitlines()
+    assert lines[0].startswith("| encoder / rule | linear, paper protocol, final | linear, paper protocol, best "
+                               "(epoch) | linear, all layers (fast) |")
+    assert "paper-bn" not in lines[0]  # no such probe, no column
+    assert lines[2].startswith("| clapp++ | 60.00 | 62.50 (2 of 3) | 51.23 | 25.00 | 20.00 | 31 steps x 32 images "
+                               "(of 1000)")
+    assert lines[3].startswith("| random-init | - | - | 40.00 |")
+    text = describe(rows)
+    assert "3 epochs (the paper: 300) on 100 train images" in text
+    assert "final = after the last epoch" in text and "paper-bn" not in text
+
+
+def test_report_reads_an_older_paper_probe_as_paper_bn(tmp_path):
+    # Before the paper's own probe existed, "paper" held the BatchNorm + pad-4 probe.
+    old = {"test_acc": 0.58, "epochs": 3, "padding": 4, "normalization": "batchnorm1d_no_affine"}
+    new = {"test_acc": 0.5, "test_acc_final": 0.5, "test_acc_best": 0.55, "best_epoch": 1, "epochs": 2,
+           "reference_epochs": 300, "normalization": "none"}
+    _run(tmp_path, "a", FAST, extra={"paper": old, "num_train": 100},
+         extra_random={"paper": new, "paper-bn": old | {"test_acc": 0.4}, "num_train": 50})
+    rows = collect(tmp_path / "runs")
+    lines = markdown_table(rows).splitlines()
+    assert lines[0].split(" | ")[-2] == "linear, paper-bn (ours)"
+    assert lines[2].startswith("| clapp++ | - | - | 51.23 | 25.00 | 20.00 | 58.00 |")
+    assert lines[3].startswith("| random-init | 50.00 | 55.00 (1 of 2) | 40.00 | 25.00 | 20.00 | 40.00 |")
+    text = describe(rows)
+    assert "2 epochs (the paper: 300) on 50 train images" in text
+    assert "paper-bn (ours, not the paper's" in text and "3 epochs on 100 train images / 3 epochs on 50" in text

@@ -5,7 +5,9 @@
 >>> spec = dataset_spec("cifar10")                                # image size, mean/std, splits
 
 Registered data sets: ``cifar10``, ``stl10``, ``tinyimagenet``, ``imagefolder``
-and ``shapes10`` (generated, no files). ``mnist.py`` (an IDX reader for the
+and ``shapes10`` (generated, no files). ``resize=S`` works for all of them
+(decoded once at that size); ``imagefolder`` takes size, channels (grayscale
+stays one channel) and mean/std from its own images. ``mnist.py`` (an IDX reader for the
 theory experiments) is imported when present, so any loader it registers
 shows up too. Augmentation lives in `localssl.data.augment` (not imported
 here, so that loading data does not import kornia).
@@ -35,6 +37,8 @@ from localssl.data.base import (
     channel_stats,
     dataset_spec,
     load_dataset,
+    parse_size,
+    resize_images,
     select_balanced,
 )
 from localssl.data.cache import default_cache_dir
@@ -68,6 +72,8 @@ __all__ = [
     "imagefolder",
     "load_dataset",
     "make_shapes10",
+    "parse_size",
+    "resize_images",
     "safe_extract",
     "select_balanced",
     "shapes",

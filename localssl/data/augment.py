@@ -38,6 +38,11 @@ class Preprocess(nn.Module):
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 4 and x.shape[-1] != self.mean.shape[1]:
+            raise ValueError(
+                f"images have {x.shape[-1]} channel(s) but the normalisation has {self.mean.shape[1]} "
+                "(mean/std are per channel)"
+            )
         return (to_float_nchw(x) - self.mean) / self.std
 
 
@@ -47,7 +52,12 @@ class SimCLRViews(nn.Module):
     Recipe of METHODS 2.4: random resized crop (``crop_scale``), horizontal
     flip p=0.5, colour jitter (0.8, 0.8, 0.8, 0.2) with p=0.8, grayscale p=0.2,
     Gaussian blur p=0.5 with a kernel of about 10% of the image side, then
-    normalisation.
+    normalisation. The channel count is ``len(mean)``. On one channel the
+    jitter keeps its brightness and contrast (p=0.8) and drops saturation and
+    hue, which have no meaning there (kornia 0.9 raises on hue for one
+    channel, and its saturation and grayscale leave one channel unchanged),
+    and there is no grayscale step. Other channel counts get no colour
+    transforms.
     """
 
     def __init__(
@@ -68,8 +78,9 @@ class SimCLRViews(nn.Module):
             K.RandomHorizontalFlip(p=0.5),
         ]
         if channels == 3:
-            # Colour transforms only make sense on RGB input.
             augs += [K.ColorJitter(*jitter, p=jitter_p), K.RandomGrayscale(p=grayscale_p)]
+        elif channels == 1:
+            augs.append(K.ColorJitter(jitter[0], jitter[1], 0.0, 0.0, p=jitter_p))
         if blur_p > 0:
             k = blur_kernel_size(image_size)
             augs.append(K.RandomGaussianBlur((k, k), (0.1, 2.0), p=blur_p))
@@ -88,8 +99,47 @@ class SimCLRViews(nn.Module):
         return ((views - self.normalize.mean) / self.normalize.std).contiguous(memory_format=torch.channels_last)
 
 
+class ResizedCropFlip(nn.Module):
+    """Augmentation of the paper's linear probe (METHODS 2.5): random resized crop + flip.
+
+    uint8 NHWC -> normalised float NCHW of side ``image_size``. Each sample
+    draws its own crop: an area fraction uniform in ``scale`` (0.08-1 in the
+    reference probe, also on CIFAR-10, where pre-training uses 0.25-1) and an
+    aspect ratio log-uniform in ``ratio`` (torchvision's default 3/4-4/3,
+    which the reference keeps), resized bilinearly to ``image_size``; then a
+    horizontal flip with p=0.5. ``align_corners=False`` puts the resize on the
+    half-pixel grid that torchvision's resize uses (kornia defaults to
+    corner alignment).
+    """
+
+    def __init__(
+        self,
+        image_size: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        scale: tuple[float, float] = (0.08, 1.0),
+        ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0),
+    ) -> None:
+        super().__init__()
+        if not 0 < scale[0] <= scale[1] <= 1:
+            raise ValueError(f"crop scale must satisfy 0 < low <= high <= 1, got {scale}")
+        if not 0 < ratio[0] <= ratio[1]:
+            raise ValueError(f"crop ratio must satisfy 0 < low <= high, got {ratio}")
+        self.scale, self.ratio = (float(scale[0]), float(scale[1])), (float(ratio[0]), float(ratio[1]))
+        self.augment = nn.Sequential(
+            K.RandomResizedCrop((image_size, image_size), scale=self.scale, ratio=self.ratio, align_corners=False),
+            K.RandomHorizontalFlip(p=0.5),
+        )
+        self.normalize = Preprocess(mean, std)
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = self.augment(to_float_nchw(x))
+        return (xf - self.normalize.mean) / self.normalize.std
+
+
 class CropFlip(nn.Module):
-    """Probe-time augmentation of METHODS 2.5: random (padded) crop + flip."""
+    """Augmentation of the ``paper-bn`` probe (ours, not the paper's): pad-4 random crop + flip."""
 
     def __init__(self, image_size: int, mean: Sequence[float], std: Sequence[float], padding: int = 4) -> None:
         super().__init__()

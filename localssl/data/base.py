@@ -21,6 +21,7 @@ they come out of a fresh decode or out of an existing full cache.
 
 from __future__ import annotations
 
+import math
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
@@ -60,6 +61,9 @@ class ImageArray:
     name:    the registry name of the data set (``"cifar10"``), so that
              ``dataset_spec(array.name)`` works.
     split:   the split it came from (informative only).
+    stats:   per-channel ``(mean, std)`` of the images in the 0..1 scale, as
+             computed once when the cache entry was written; None until
+             `channel_stats` computes it (in-memory arrays, subsets).
     """
 
     images: np.ndarray
@@ -68,6 +72,7 @@ class ImageArray:
     name: str
     split: str = ""
     source: str = field(default="", repr=False)
+    stats: tuple[tuple[float, ...], tuple[float, ...]] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.images, np.ndarray) or self.images.dtype != np.uint8 or self.images.ndim != 4:
@@ -93,6 +98,18 @@ class ImageArray:
     def num_labelled(self) -> int:
         return int((self.labels >= 0).sum())
 
+    def channel_stats(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """Per-channel ``(mean, std)`` of these images (0..1 scale): the cached ones, else computed now.
+
+        The normalisation of a data set without published statistics
+        (``imagefolder``). A function of the images alone (`channel_stats`,
+        seed 0), so a subset decoded on its own and the same subset taken
+        from a full cache entry get the same numbers.
+        """
+        if self.stats is None:
+            self.stats = channel_stats(self.images)
+        return self.stats
+
     def subset(self, n: int, seed: int = 0) -> ImageArray:
         """A deterministic, class-balanced random subset of ``n`` images (original order kept).
 
@@ -105,7 +122,7 @@ class ImageArray:
         idx = select_balanced(self.labels, n, seed)
         images = self.images[idx]
         images.flags.writeable = False
-        return replace(self, images=images, labels=np.array(self.labels[idx]))
+        return replace(self, images=images, labels=np.array(self.labels[idx]), stats=None)
 
     def __repr__(self) -> str:
         h, w, c = self.image_shape
@@ -154,8 +171,12 @@ class DatasetSpec:
     """What the rest of the library needs to know about a data set without loading it.
 
     mean/std are per channel in the 0..1 scale (what `Preprocess` normalises
-    with). ``image_size``/``num_classes`` are None where they depend on the
-    data (``imagefolder``); `resolved` fills them from a loaded `ImageArray`.
+    with): the published constants of a named data set, or None where they
+    are the data's own (``imagefolder``: computed once over the decoded
+    images and kept in the cache). ``image_size``/``num_classes`` are None
+    where they depend on the data, and ``channels`` is then only the usual
+    case (``imagefolder``: 3, grayscale folders resolve to 1); `resolved`
+    fills all of them from a loaded `ImageArray`.
     crop_scale is the SimCLR random-resized-crop scale range (METHODS 2.4:
     0.08-1, but 0.25-1 on 32 px images where an 8% crop is only 9x9 pixels).
     """
@@ -163,8 +184,8 @@ class DatasetSpec:
     name: str
     image_size: int | None
     channels: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
+    mean: tuple[float, ...] | None
+    std: tuple[float, ...] | None
     num_classes: int | None
     pretrain_split: str
     probe_train_split: str
@@ -173,24 +194,85 @@ class DatasetSpec:
     splits: tuple[str, ...] = ()
 
     def resolved(self, data: ImageArray) -> DatasetSpec:
-        """This spec with image size, channels and class count taken from loaded data."""
+        """This spec with image size, channels and class count taken from loaded data.
+
+        mean/std stay the published constants where the spec has them, else
+        they are the data's own (`ImageArray.channel_stats`).
+        """
         h, w, c = data.image_shape
         if h != w:
-            raise DatasetError(f"{data.name}: non-square images ({h}x{w}) are not supported")
-        return replace(self, image_size=h, channels=c, num_classes=len(data.classes))
+            raise DatasetError(
+                f"{data.name}: non-square images ({h}x{w}) are not supported; pass resize=S (--resize S)"
+            )
+        mean, std = (self.mean, self.std) if self.mean is not None and self.std is not None else data.channel_stats()
+        if len(mean) != c or len(std) != c:
+            raise DatasetError(f"{data.name}: images have {c} channel(s) but the normalisation has {len(mean)}")
+        return replace(self, image_size=h, channels=c, num_classes=len(data.classes), mean=mean, std=std)
 
 
 def channel_stats(images: np.ndarray, max_items: int = 10_000, seed: int = 0) -> tuple[tuple, tuple]:
-    """Per-channel mean and std (0..1 scale) over up to ``max_items`` random images.
+    """Per-channel mean and std (0..1 scale, population std) over up to ``max_items`` random images.
 
-    For a data set without published statistics (``imagefolder``).
+    For a data set without published statistics (``imagefolder``). The sums
+    of pixel values and of their squares are exact integers (read in chunks
+    of at most 8 MiB, whatever the image size), so the only roundings are the
+    final divisions and square root: the result does not depend on chunking
+    or on the order of the images.
     """
-    n = images.shape[0]
+    n = int(images.shape[0])
+    if n == 0 or images.ndim != 4:
+        raise DatasetError(f"channel statistics need a non-empty (N, H, W, C) array, got shape {images.shape}")
     idx = np.sort(np.random.default_rng(seed).choice(n, size=min(n, max_items), replace=False))
-    x = np.asarray(images[idx], dtype=np.float64) / 255.0
-    mean = x.mean(axis=(0, 1, 2))
-    std = x.std(axis=(0, 1, 2))
-    return tuple(float(m) for m in mean), tuple(float(s) for s in std)
+    c = int(images.shape[3])
+    chunk = max(1, (8 << 20) // int(np.prod(images.shape[1:])))
+    s = np.zeros(c, np.int64)
+    q = np.zeros(c, np.int64)
+    for a in range(0, len(idx), chunk):
+        x = np.asarray(images[idx[a : a + chunk]]).reshape(-1, c).astype(np.int64)
+        s += x.sum(axis=0)
+        q += (x * x).sum(axis=0)
+    m = len(idx) * int(images.shape[1]) * int(images.shape[2])  # values per channel
+    # Python ints: exact; int / int is correctly rounded.
+    mean = tuple(int(si) / (255 * m) for si in s)
+    std = tuple(math.sqrt((int(qi) * m - int(si) ** 2) / (255 * 255 * m * m)) for si, qi in zip(s, q))
+    return mean, std
+
+
+def parse_size(resize: int | Sequence[int] | None) -> tuple[int, int] | None:
+    """``64`` or ``(64, 64)`` -> ``(H, W)``; None stays None."""
+    if resize is None:
+        return None
+    if isinstance(resize, (int, np.integer)) and not isinstance(resize, bool):
+        size: tuple[int, ...] = (int(resize), int(resize))
+    elif isinstance(resize, (list, tuple)):
+        size = tuple(int(s) for s in resize)
+    else:
+        raise ValueError(f"resize must be a positive int or (H, W), got {resize!r}")
+    if len(size) != 2 or min(size) <= 0:
+        raise ValueError(f"resize must be a positive int or (H, W), got {resize!r}")
+    return size  # type: ignore[return-value]
+
+
+def resize_images(images: np.ndarray, size: tuple[int, int], out: np.ndarray | None = None) -> np.ndarray:
+    """uint8 ``(N, H, W, C)`` -> ``(N, size[0], size[1], C)``, bicubic (PIL), one image at a time.
+
+    The same filter as the image-file loaders' ``resize``; images already at
+    ``size`` are copied unchanged.
+    """
+    from PIL import Image
+
+    n, h, w, c = images.shape
+    if out is None:
+        out = np.empty((n, *size, c), np.uint8)
+    for i in range(n):
+        img = np.asarray(images[i])
+        if (h, w) == tuple(size):
+            out[i] = img
+            continue
+        im = Image.fromarray(img[..., 0] if c == 1 else img)
+        r = np.asarray(im.resize((size[1], size[0]), Image.Resampling.BICUBIC), dtype=np.uint8)
+        out[i] = r.reshape(size[0], size[1], c)
+    return out
 
 
 # ----------------------------------------------------------------------------- loaders
@@ -233,11 +315,17 @@ class DatasetLoader(ABC):
     """A registered data set. Subclasses set `spec` and implement `plan`.
 
     ``options`` lists the extra keyword arguments `load_dataset` accepts for
-    this data set (``resize`` for ``imagefolder``); anything else is an error.
+    this data set; anything else is an error. ``resize=S`` (or ``(H, W)``) is
+    accepted by every loader: one that lists it resizes while decoding
+    (``imagefolder``), any other gets its decoded images resized (bicubic)
+    before they enter the cache, so a resized split is decoded once too.
     """
 
     spec: DatasetSpec
     options: tuple[str, ...] = ()
+    #: Bump when this loader's decoded pixels for the same files change; it
+    #: joins the cache key (0 leaves the key of earlier versions unchanged).
+    decoder_version: int = 0
 
     @abstractmethod
     def plan(self, root: Path | None, split: str, *, download: bool, **options: Any) -> Plan:
@@ -263,16 +351,26 @@ class DatasetLoader(ABC):
         from localssl.data import cache  # local: cache is independent of this module
 
         self.check_split(split)
-        self._check_options(options)
-        plan = self.plan(_as_path(root), split, download=download, **options)
+        size = None
+        if "resize" not in self.options and options.get("resize") is not None:
+            size = parse_size(options["resize"])
+        # resize=None means "as stored" for every loader; a resize this loader does not do itself is ours.
+        own = {k: v for k, v in options.items() if k != "resize" or (v is not None and k in self.options)}
+        self._check_options(own)
+        plan = self.plan(_as_path(root), split, download=download, **own)
+        if size is not None:
+            inner = plan.build
+            plan = replace(plan, build=lambda: ResizedSource(inner(), size))
+            own["resize"] = list(size)  # part of the cache key
         return cache.load_or_build(
-            self.spec.name, split, plan, cache_dir=cache_dir, max_items=max_items, options=options
+            self.spec.name, split, plan, cache_dir=cache_dir, max_items=max_items, options=own,
+            version=self.decoder_version,
         )
 
     def _check_options(self, options: dict[str, Any]) -> None:
         unknown = sorted(set(options) - set(self.options))
         if unknown:
-            accepted = ", ".join(self.options) or "none"
+            accepted = ", ".join(sorted({*self.options, "resize"}))  # every loader takes resize
             raise TypeError(
                 f"{self.spec.name} does not take option(s) {', '.join(unknown)}; accepted options: {accepted}"
             )
@@ -305,14 +403,27 @@ def load_dataset(
                ``~/.cache/localssl``).
     max_items: a deterministic class-balanced subset of this size (only those
                images are decoded; an existing full cache is subset instead).
-    options:   data-set specific, e.g. ``resize=64`` for ``imagefolder``.
+    options:   ``resize=S`` (any data set: images resized to S x S, bicubic,
+               before they are cached) and data-set specific ones.
 
     Raises KeyError for an unknown name, `DatasetError` for an unknown split or
     a broken file, `DatasetNotFoundError` when the data is not there.
     """
     if max_items is not None and max_items <= 0:
         raise ValueError(f"max_items must be positive, got {max_items}")
-    return DATASETS.get(name).load(root, split, download=download, cache_dir=cache_dir, max_items=max_items, **options)
+    loader = DATASETS.get(name)
+    resize = options.get("resize")
+    if "resize" in options and "resize" not in loader.options and type(loader).load is not DatasetLoader.load:
+        # A loader with its own load (generated data, no cache): resize what it returns.
+        rest = {k: v for k, v in options.items() if k != "resize"}
+        data = loader.load(root, split, download=download, cache_dir=cache_dir, max_items=max_items, **rest)
+        size = parse_size(resize)
+        if size is None or size == data.image_shape[:2]:
+            return data
+        images = resize_images(data.images, size)
+        images.flags.writeable = False
+        return replace(data, images=images, stats=None)
+    return loader.load(root, split, download=download, cache_dir=cache_dir, max_items=max_items, **options)
 
 
 def _as_path(root: PathLike | None) -> Path | None:
@@ -342,3 +453,30 @@ class ArraySource(Source):
         for a in range(0, len(indices), step):
             out[a : a + step] = self.images[indices[a : a + step]]
         return out
+
+
+class ResizedSource(Source):
+    """Another `Source` whose images are resized (bicubic) on their way into the cache.
+
+    An in-memory source is resized in chunks; any other is decoded once (one
+    pass over its files) into memory at its own size, then resized.
+    """
+
+    def __init__(self, inner: Source, size: tuple[int, int]) -> None:
+        self.inner = inner
+        self.size = size
+        self.labels = inner.labels
+        self.classes = inner.classes
+
+    def decode(self, indices: np.ndarray, alloc: Allocator) -> np.ndarray:
+        indices = np.asarray(indices)
+        if isinstance(self.inner, ArraySource):
+            x = self.inner.images
+            out = alloc((len(indices), *self.size, x.shape[3]))
+            step = 1024
+            for a in range(0, len(indices), step):
+                resize_images(x[indices[a : a + step]], self.size, out=out[a : a + step])
+            return out
+        full = self.inner.decode(indices, lambda shape: np.empty(shape, np.uint8))
+        out = alloc((len(indices), *self.size, full.shape[3]))
+        return resize_images(full, self.size, out=out)

@@ -6,7 +6,8 @@ the first load of a split decodes it into three files under the cache dir::
 
     <cache>/<dataset>/<split>-<digest>.images.npy   uint8 (N, H, W, C)
     <cache>/<dataset>/<split>-<digest>.labels.npy   int64 (N,)
-    <cache>/<dataset>/<split>-<digest>.json         meta: shape, classes, source, sizes
+    <cache>/<dataset>/<split>-<digest>.json         meta: shape, classes, source, sizes,
+                                                    per-channel mean/std (0..1)
 
 ``digest`` hashes the absolute path, size and mtime of every source file plus
 the load options, so replacing a file (or passing ``resize=``) gives a new
@@ -32,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from localssl.data.base import DatasetError, ImageArray, PathLike, Plan, select_balanced
+from localssl.data.base import DatasetError, ImageArray, PathLike, Plan, channel_stats, select_balanced
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +98,12 @@ def read_entry(directory: Path, stem: str) -> ImageArray | None:
             raise ValueError(f"labels are {labels.dtype} {labels.shape}, expected int64 ({shape[0]},)")
         if labels.size and (labels.min() < -1 or labels.max() >= len(classes)):
             raise ValueError("labels out of range")
+        stats = None
+        if "mean" in meta:  # entries written before the stats were kept compute them when asked
+            mean, std = tuple(float(v) for v in meta["mean"]), tuple(float(v) for v in meta["std"])
+            if len(mean) != shape[3] or len(std) != shape[3]:
+                raise ValueError(f"meta has {len(mean)} channel means for {shape[3]}-channel images")
+            stats = (mean, std)
         return ImageArray(
             images=images,
             labels=labels,
@@ -104,6 +111,7 @@ def read_entry(directory: Path, stem: str) -> ImageArray | None:
             name=meta["dataset"],
             split=meta["split"],
             source=meta.get("source", ""),
+            stats=stats,
         )
     except Exception as e:  # any failure means "rebuild"; the warning says why
         log.warning("ignoring corrupt cache entry %s (%s: %s); it will be rebuilt", meta_path, type(e).__name__, e)
@@ -160,6 +168,8 @@ def write_entry(
         if "images" not in holder or out is not holder["images"]:
             raise RuntimeError("Source.decode must fill and return the array from alloc()")
         shape = tuple(int(s) for s in out.shape)
+        # Once per entry (normalisation of data sets without published constants).
+        mean, std = channel_stats(out)
         out.flush()
         tmp_images = holder["path"]
         del out
@@ -180,6 +190,8 @@ def write_entry(
             "num_files": len(plan.files),
             "images_bytes": tmp_images.stat().st_size,
             "labels_bytes": tmp_labels.stat().st_size,
+            "mean": list(mean),
+            "std": list(std),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
             **dict(extra_meta or {}),
         }
@@ -208,8 +220,13 @@ def load_or_build(
     cache_dir: PathLike | None = None,
     max_items: int | None = None,
     options: Mapping[str, Any] | None = None,
+    version: int = 0,
 ) -> ImageArray:
     """The cached `ImageArray` for ``plan``: memmapped if cached, else decoded once then memmapped.
+
+    ``version`` is the loader's decoder version (`DatasetLoader.decoder_version`):
+    a new one gives new entries; 0 keeps the keys of entries written before
+    versions existed.
 
     With ``max_items``, a full entry that already exists is subset (in memory);
     otherwise only the chosen subset is decoded and cached under its own name.
@@ -217,7 +234,10 @@ def load_or_build(
     """
     directory = Path(os.path.expanduser(os.fspath(cache_dir))) if cache_dir is not None else default_cache_dir()
     directory = directory / dataset
-    digest = fingerprint(plan.files, {"dataset": dataset, "split": split, "options": dict(options or {})})
+    key = {"dataset": dataset, "split": split, "options": dict(options or {})}
+    if version:
+        key["decoder_version"] = version
+    digest = fingerprint(plan.files, key)
     safe_split = split.replace("/", "_")
     full_stem = f"{safe_split}-{digest}"
     full = read_entry(directory, full_stem)

@@ -14,8 +14,17 @@ decode, zip by random access): nothing is extracted.
 
 Every image of a split must have the same size (training stacks them into one
 array); the first odd file is named in the error. Pass ``resize=S`` (or
-``(H, W)``) to resize everything with bicubic filtering instead; that choice
-is part of the cache key. Images are always converted to 3-channel RGB.
+``(H, W)``; ``--resize S`` on the command line) to resize everything with
+bicubic filtering instead; that choice is part of the cache key.
+
+Channels: ``imagefolder`` keeps a split whose files are all grayscale (PIL
+modes L, 1, I, ...: `GRAY_MODES`) single-channel, ``(N, H, W, 1)``; one
+file in any other mode makes the whole split RGB (grayscale files tripled).
+Finding out reads every file's header once before decoding (stopping at the
+first colour file). The named data sets read through this module (CIFAR-10
+JPEGs, Tiny ImageNet) are always RGB. ``imagefolder`` has no published statistics:
+it is normalised with its own per-channel mean/std, computed once when the
+cache entry is written (`ImageArray.channel_stats`).
 """
 
 from __future__ import annotations
@@ -39,42 +48,47 @@ from localssl.data.base import (
     DatasetSpec,
     Plan,
     Source,
+    parse_size,
     require_root,
 )
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
-# ImageNet statistics: the usual default for natural images without their own.
+# ImageNet statistics: what imagefolder runs were normalised with before it
+# computed its own (kept for reference; no loader uses them now).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-
-def parse_size(resize: int | Sequence[int] | None) -> tuple[int, int] | None:
-    """``64`` or ``(64, 64)`` -> ``(H, W)``; None stays None."""
-    if resize is None:
-        return None
-    if isinstance(resize, int):
-        size = (resize, resize)
-    else:
-        size = tuple(int(s) for s in resize)
-    if len(size) != 2 or min(size) <= 0:
-        raise ValueError(f"resize must be a positive int or (H, W), got {resize!r}")
-    return size  # type: ignore[return-value]
+#: PIL modes that hold one gray channel (kept single-channel when asked).
+GRAY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 
 
-def decode_image(data: bytes, where: str, size: tuple[int, int] | None = None) -> np.ndarray:
-    """Encoded bytes (JPEG, PNG, ...) -> uint8 ``(H, W, 3)``, optionally resized to ``size=(H, W)``.
+def decode_image(data: bytes, where: str, size: tuple[int, int] | None = None, channels: int = 3) -> np.ndarray:
+    """Encoded bytes (JPEG, PNG, ...) -> uint8 ``(H, W, channels)``, optionally resized to ``size=(H, W)``.
 
-    Any decoding failure (unknown format, truncated file) is a `DatasetError`
-    naming ``where``. Grayscale, palette and RGBA images become RGB.
+    ``channels=3``: grayscale, palette and RGBA images become RGB;
+    ``channels=1``: everything becomes 8-bit gray (PIL's "L"). Any decoding
+    failure (unknown format, truncated file) is a `DatasetError` naming ``where``.
     """
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 or 3, got {channels!r}")
     try:
         with Image.open(io.BytesIO(data)) as im:
-            rgb = im.convert("RGB")  # decodes fully: a truncated file fails here, not later
-        if size is not None and rgb.size != (size[1], size[0]):
-            rgb = rgb.resize((size[1], size[0]), Image.Resampling.BICUBIC)
-        return np.asarray(rgb, dtype=np.uint8)
+            out = im.convert("L" if channels == 1 else "RGB")  # decodes fully: a truncated file fails here
+        if size is not None and out.size != (size[1], size[0]):
+            out = out.resize((size[1], size[0]), Image.Resampling.BICUBIC)
+        arr = np.asarray(out, dtype=np.uint8)
+        return arr[..., None] if arr.ndim == 2 else arr
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... depending on the codec
+        raise DatasetError(f"{where}: cannot decode image ({type(e).__name__}: {e})") from e
+
+
+def image_mode(data: bytes, where: str) -> str:
+    """PIL mode of an encoded image, from its header only."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return str(im.mode)
+    except Exception as e:
         raise DatasetError(f"{where}: cannot decode image ({type(e).__name__}: {e})") from e
 
 
@@ -254,6 +268,7 @@ class TreeSource(Source):
         *,
         resize: tuple[int, int] | None = None,
         expect_size: tuple[int, int] | None = None,
+        channels: int | None = 3,
     ) -> None:
         self.tree = tree
         self.names = list(names)
@@ -261,26 +276,36 @@ class TreeSource(Source):
         self.classes = list(classes)
         self.resize = resize
         self.expect_size = expect_size
+        self.channels = channels  # 3: always RGB; None: 1 if every file is grayscale (see the module doc)
+
+    def _channels(self, wanted: Iterable[str]) -> int:
+        if self.channels is not None:
+            return self.channels
+        for name, data in self.tree.read_many(wanted):  # stops at the first colour file
+            if image_mode(data, self.tree.where(name)) not in GRAY_MODES:
+                return 3
+        return 1
 
     def decode(self, indices: np.ndarray, alloc: Allocator) -> np.ndarray:
         position = {self.names[i]: k for k, i in enumerate(indices)}
         out: np.ndarray | None = None
         first = ""
         filled = 0
+        channels = self._channels(position)
         for name, data in self.tree.read_many(position):
-            img = decode_image(data, self.tree.where(name), self.resize)
+            img = decode_image(data, self.tree.where(name), self.resize, channels)
             if out is None:
                 first = name
                 h, w = img.shape[:2]
                 if self.expect_size is not None and (h, w) != self.expect_size:
                     eh, ew = self.expect_size
                     raise DatasetError(f"{self.tree.where(name)}: image is {h}x{w}, expected {eh}x{ew}")
-                out = alloc((len(position), h, w, 3))
+                out = alloc((len(position), h, w, channels))
             elif img.shape != out.shape[1:]:
                 raise DatasetError(
                     f"{self.tree.where(name)}: image is {img.shape[0]}x{img.shape[1]}, but "
                     f"{first} is {out.shape[1]}x{out.shape[2]}; all images must have one size "
-                    "(pass resize=S to resize them all)"
+                    "(pass --resize S, or resize=S to load_dataset, to resize them all)"
                 )
             out[position[name]] = img
             filled += 1
@@ -297,11 +322,13 @@ def tree_plan(
     expect_classes: Sequence[str] | None = None,
     expect_size: tuple[int, int] | None = None,
     dataset: str = "imagefolder",
+    channels: int | None = 3,
 ) -> Plan:
     """A `Plan` for one split of an image-folder tree in a folder or archive.
 
     A folder is listed now (its files key the cache); an archive is keyed by
-    its own stat and listed only if the cache misses.
+    its own stat and listed only if the cache misses. ``channels`` as in
+    `TreeSource` (3: always RGB; None: grayscale data stay single-channel).
     """
     is_dir = tree_path.is_dir()
     dir_tree = DirTree(tree_path) if is_dir else None
@@ -321,6 +348,7 @@ def tree_plan(
             classes,
             resize=resize,
             expect_size=expect_size,
+            channels=channels,
         )
 
     if dir_tree is not None:
@@ -333,14 +361,18 @@ def tree_plan(
 
 
 class ImageFolderLoader(DatasetLoader):
-    """``imagefolder``: your own images; the split names come from the folders (or ``all``)."""
+    """``imagefolder``: your own images; the split names come from the folders (or ``all``).
+
+    Size, channels, classes and the normalisation (mean/std) come from the
+    data: `DatasetSpec.resolved` on a loaded split.
+    """
 
     spec = DatasetSpec(
         name="imagefolder",
         image_size=None,
-        channels=3,
-        mean=IMAGENET_MEAN,
-        std=IMAGENET_STD,
+        channels=3,  # until resolved: grayscale data resolve to 1
+        mean=None,  # the data's own, computed once into the cache
+        std=None,
         num_classes=None,
         pretrain_split="train",
         probe_train_split="train",
@@ -349,6 +381,8 @@ class ImageFolderLoader(DatasetLoader):
         splits=(),  # from the data
     )
     options = ("resize",)
+    # 1: grayscale folders decode to one channel (they were tripled to RGB before).
+    decoder_version = 1
 
     def plan(self, root: Path | None, split: str, *, download: bool, resize: Any = None) -> Plan:
         if download:
@@ -361,7 +395,7 @@ class ImageFolderLoader(DatasetLoader):
             )
         if root.is_file() and not (is_tar_name(root) or is_zip_name(root)):
             raise DatasetError(f"{root}: not a folder, .zip, .tar, .tar.gz or .tgz")
-        return tree_plan(root, split, resize=parse_size(resize))
+        return tree_plan(root, split, resize=parse_size(resize), channels=None)
 
 
 DATASETS.register("imagefolder")(ImageFolderLoader())

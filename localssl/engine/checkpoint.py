@@ -72,7 +72,8 @@ def load_encoder_from_run(run_dir: str | Path, checkpoint: str | Path | None = N
     path = Path(checkpoint) if checkpoint is not None else run_dir / CHECKPOINT
     state = load_checkpoint(path, map_location=device)
     cfg = from_dict(TrainConfig, state["config"])
-    spec = dataset_spec(cfg.dataset)
-    encoder = build_encoder(cfg.encoder, cfg.width, spec.channels)
+    # The saved normalisation has one value per input channel (imagefolder: 1 for grayscale data).
+    channels = len(cfg.mean) if cfg.mean else dataset_spec(cfg.dataset).channels
+    encoder = build_encoder(cfg.encoder, cfg.width, channels)
     encoder.load_state_dict(state["encoder"])
     return encoder.to(device), cfg

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +30,17 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from localssl.config import ConfigError, TrainConfig, check_shapes, rule_options, save_yaml, to_dict, validate_train
+from localssl.config import (
+    ConfigError,
+    TrainConfig,
+    check_normalization,
+    check_shapes,
+    rule_options,
+    save_yaml,
+    to_dict,
+    validate_train,
+)
+from localssl.config import replace as replace_config
 from localssl.data import dataset_spec, load_dataset
 from localssl.data.augment import SimCLRViews
 from localssl.engine.checkpoint import CHECKPOINT, ENCODER, load_checkpoint, rng_state, save_atomic, set_rng_state
@@ -43,8 +54,8 @@ from localssl.engine.runtime import (
     seed_everything,
     set_deterministic,
 )
-from localssl.models import BlockEncoder, build_encoder, default_grids
-from localssl.rules import SPATIAL_RULES, Rule, build_rule
+from localssl.models import BlockEncoder, build_encoder
+from localssl.rules import Rule, build_rule
 
 
 class NonFiniteLossError(RuntimeError):
@@ -55,6 +66,9 @@ class NonFiniteLossError(RuntimeError):
 # micro_batch changes memory and time, not the gradient.
 RESUMABLE_CHANGES = {"epochs", "max_steps", "micro_batch", "progress", "checkpoint_every", "log_every", "device",
                      "threads", "retain_freed_memory", "out"}
+# Options whose default depends on the data; a run saves them resolved, and
+# leaving one unset on resume means "the run's".
+RESOLVED_AT_START = ("grids", "mean", "std")
 
 
 def _fused_ok(params: list[torch.nn.Parameter]) -> bool:
@@ -215,12 +229,17 @@ def _micro_batched_step(
 
 
 def _load_images(cfg: TrainConfig):
+    """The pre-training images and their spec, with size, channels and normalisation as trained on."""
     spec = dataset_spec(cfg.dataset)
-    # max_items decodes only the (class-balanced, fixed) subset on a first load.
-    data = load_dataset(cfg.dataset, cfg.data_dir, spec.pretrain_split, download=cfg.download, max_items=cfg.subset)
-    if spec.image_size is None:  # imagefolder: size and classes come from the files
-        spec = spec.resolved(data)
-        check_shapes(cfg, spec.image_size, spec.channels)
+    # max_items decodes only the (class-balanced, fixed) subset on a first load;
+    # resize happens in that one decode too.
+    data = load_dataset(cfg.dataset, cfg.data_dir, spec.pretrain_split, download=cfg.download, max_items=cfg.subset,
+                        resize=cfg.resize)
+    # Size and channels from the images (imagefolder: also its own mean/std, from the cache).
+    spec = spec.resolved(data)
+    if cfg.mean is not None and cfg.std is not None:
+        check_normalization(cfg.mean, cfg.std, spec.channels)
+        spec = replace(spec, mean=tuple(cfg.mean), std=tuple(cfg.std))
     return spec, data
 
 
@@ -277,6 +296,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
                 "per group); it cannot be resumed by this version: its weights still load for `localssl probe`"
             )
         saved = state["config"]
+        cfg = replace_config(cfg, **{k: saved[k] for k in RESOLVED_AT_START
+                                     if getattr(cfg, k) is None and saved.get(k) is not None})
         diff = {k: (saved[k], v) for k, v in to_dict(cfg).items() if k not in RESUMABLE_CHANGES and saved.get(k) != v}
         if diff:
             raise ConfigError(
@@ -286,7 +307,6 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     elif ckpt_path.exists():
         raise ConfigError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
-    save_yaml(cfg, out / "config.yaml")
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -298,11 +318,14 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     amp_dtype = resolve_amp(cfg.amp, device)
 
     spec, data = _load_images(cfg)
+    # The run's config as used: grids fitted to this input size, the normalisation of
+    # these images; probe and align read them back from config.yaml / the checkpoint.
+    grids = check_shapes(cfg, spec.image_size, spec.channels)
+    cfg = replace_config(cfg, grids=grids, mean=list(spec.mean), std=list(spec.std))
+    save_yaml(cfg, out / "config.yaml")
     encoder = build_encoder(cfg.encoder, cfg.width, spec.channels)
     shapes = encoder.feature_shapes((spec.channels, spec.image_size, spec.image_size))
-    grids = cfg.grids if cfg.grids is not None else (
-        default_grids(cfg.encoder, len(encoder)) if cfg.rule in SPATIAL_RULES else None)
-    rule = build_rule(cfg.rule, shapes, rule_options(cfg, grids))
+    rule = build_rule(cfg.rule, shapes, rule_options(cfg))
     mf = torch.channels_last if cfg.channels_last else torch.contiguous_format
     coupled = _batch_coupling_modules(encoder) if cfg.micro_batch is not None else []
     if coupled:  # train_step would refuse it too; say so before any data is touched

@@ -44,7 +44,7 @@ def _check_grid(k: int, h: int, w: int, grid: int, channels: int | None = None) 
     if h % grid or w % grid:
         c = f"{channels}x" if channels is not None else ""
         raise ValueError(
-            f"block {k}: pooling grid {grid} does not divide its output of size {c}{h}x{w}; "
+            f"block {k + 1 if k >= 0 else '?'}: pooling grid {grid} does not divide its output of size {c}{h}x{w}; "
             f"the kernel H/grid must be an integer (METHODS 2.2), so pick grids that divide every "
             f"block's output or change the input size"
         )

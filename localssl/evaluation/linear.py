@@ -1,4 +1,4 @@
-"""Linear probes on a frozen encoder: the fast protocol and the paper's (METHODS 2.5).
+"""Linear probes on a frozen encoder: fast, paper and paper-bn protocols (METHODS 2.5).
 
 *Fast* protocol (:func:`linear_probe`): features are extracted once, without
 augmentation, standardised with the training mean and std, and one linear
@@ -6,25 +6,32 @@ layer is fitted with Adam and cross-entropy. Cheap enough to run after every
 pre-training run and on the random-init baseline; it is the number to use
 for comparing rules quickly, not the number to compare with the paper.
 
-*Paper* protocol (:func:`paper_linear_probe`), as in METHODS 2.5: frozen
-encoder in eval mode; features = every block average-pooled to its grid and
-concatenated (32,768 dims for VGG-6 at full width); one linear layer; Adam,
-lr 1e-3, batch 32, 300 epochs in the paper (``PAPER_EPOCHS``; the default here
-is lower because that is days of compute on a CPU); random crop + horizontal
-flip (:class:`~localssl.data.augment.CropFlip`) applied afresh to the uint8
-images every epoch, so the features go through the frozen encoder again each
-epoch; test on a centre crop.
+*Paper* protocol (:func:`paper_linear_probe`), as the reference
+``eval_ssl.py`` does it (METHODS 2.5): frozen encoder in eval mode; features
+= every block average-pooled to its grid and concatenated (32,768 dims for
+VGG-6 at full width), raw: no BatchNorm or other normalisation in front of
+one ``nn.Linear`` with bias; Adam, lr 1e-3, weight decay 0, batch 32,
+cross-entropy, 300 epochs in the paper (``PAPER_EPOCHS``; the default here
+is lower because that is days of compute on a CPU, and every result records
+the epochs it used); every epoch each training image gets a fresh
+RandomResizedCrop (scale 0.08-1, ratio 3/4-4/3, resized to the image side)
+and horizontal flip (:class:`~localssl.data.augment.ResizedCropFlip`), so the
+images go through the frozen encoder again each epoch; test on a centre
+crop, after every epoch; both the final and the best test accuracy are
+recorded (which of the two the paper's table quotes is not known).
 
-Feature normalisation in the paper protocol *(inferred: the paper does not
-say)*: a ``BatchNorm1d`` without affine parameters in front of the linear
-layer (as in MAE's linear probing). The concatenated features mix layers
-whose scales differ by orders of magnitude, and Adam at lr 1e-3 on raw
-features would mostly fit the largest layers. Batch statistics follow the
-augmented features the layer is trained on, and need no extra pass over the
-data. The running statistics use a cumulative average (``momentum=None``):
-the encoder is frozen, so the feature distribution does not drift and an
-equal-weight average over all training batches is the best estimate; they
-normalise the test features.
+*Paper-bn* protocol (:func:`paper_bn_linear_probe`): **ours, not the
+paper's**. The same loop with a ``BatchNorm1d`` without affine parameters
+in front of the linear layer (as in MAE's linear probing) and a pad-4 random
+crop + flip (:class:`~localssl.data.augment.CropFlip`). The concatenated
+features mix layers whose scales differ by orders of magnitude, and Adam at
+lr 1e-3 on raw features would mostly fit the largest layers; the BatchNorm
+puts every dimension on one scale. Useful as a second read-out, but its
+numbers are not comparable with the paper's. Its running
+statistics use a cumulative average (``momentum=None``): the encoder is
+frozen, so the feature distribution does not drift and an equal-weight
+average over all training batches is the best estimate; they normalise the
+test features.
 
 All accuracies are fractions in [0, 1].
 """
@@ -33,7 +40,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -52,6 +59,8 @@ from localssl.evaluation.features import (
 PAPER_EPOCHS = 300  # METHODS 2.5
 PAPER_BATCH_SIZE = 32
 PAPER_LR = 1e-3
+PAPER_CROP_SCALE = (0.08, 1.0)  # RandomResizedCrop of the reference probe, also on CIFAR-10
+PAPER_CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)  # torchvision's default, which the reference keeps
 
 
 def _to_device_or_stay(x: torch.Tensor, device: torch.device | str) -> torch.Tensor:
@@ -252,9 +261,153 @@ class CenterCropPreprocess(nn.Module):
         return self.normalize(x[:, top:top + self.size, left:left + self.size, :])
 
 
-def make_paper_head(dim: int, num_classes: int) -> nn.Sequential:
-    """BatchNorm1d without affine (see the module docstring) + one linear layer."""
+def make_paper_head(dim: int, num_classes: int) -> nn.Linear:
+    """The paper's head: one linear layer with bias on the raw features, nothing in front (METHODS 2.5)."""
+    return nn.Linear(dim, num_classes, bias=True)
+
+
+def make_paper_bn_head(dim: int, num_classes: int) -> nn.Sequential:
+    """The ``paper-bn`` head (ours): BatchNorm1d without affine + one linear layer (module docstring)."""
     return nn.Sequential(nn.BatchNorm1d(dim, affine=False, momentum=None), nn.Linear(dim, num_classes))
+
+
+def _has_batchnorm(module: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
+
+
+def _augmented_probe(
+    encoder: nn.Module,
+    train_images,
+    train_labels,
+    test_images,
+    test_labels,
+    *,
+    make_head: Callable[[int, int], nn.Module],
+    make_augment: Callable[[int], nn.Module],
+    mean: Sequence[float],
+    std: Sequence[float],
+    grids: int | Sequence[int],
+    num_classes: int | None,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    weight_decay: float,
+    crop_size: int | None,
+    feature_batch_size: int,
+    test_every_epoch: bool,
+    seed: int,
+    device: torch.device | str,
+    amp: bool,
+    progress: bool,
+    desc: str,
+) -> dict:
+    """The loop that ``paper`` and ``paper-bn`` share: augment, encode, step a head; test.
+
+    ``make_augment(crop_size)`` maps uint8 NHWC batches to normalised encoder
+    inputs of side ``crop_size``; ``make_head(dim, num_classes)`` builds the
+    head (under the seed, so its initialisation is reproducible). Returns the
+    measurements; the callers add the description of their protocol.
+    """
+    device = torch.device(device)
+    if epochs < 1 or batch_size < 1:
+        raise ValueError(f"epochs and batch_size must be >= 1, got {epochs} and {batch_size}")
+    train_y = torch.as_tensor(np.asarray(train_labels), dtype=torch.int64)
+    test_y = torch.as_tensor(np.asarray(test_labels), dtype=torch.int64)
+    if len(train_y) != len(train_images) or len(test_y) != len(test_images):
+        raise ValueError("images and labels differ in length")
+    if len(train_y) == 0 or len(test_y) == 0:
+        raise ValueError("the probe needs train and test samples")
+    if (train_y < 0).any() or (test_y < 0).any():
+        raise ValueError("probe labels must be >= 0 (drop unlabelled samples first)")
+    if num_classes is None:
+        num_classes = int(max(int(train_y.max()), int(test_y.max()))) + 1
+    h, w, c = train_images.shape[1:]
+    crop_size = min(h, w) if crop_size is None else int(crop_size)
+    if crop_size > min(h, w):
+        raise ValueError(f"crop_size {crop_size} is larger than the {h}x{w} images")
+    # A multiple of the optimizer batch, so optimizer batches never straddle chunks.
+    feature_batch_size = max(batch_size, (feature_batch_size // batch_size) * batch_size)
+
+    train_aug = make_augment(crop_size).to(device)
+    test_pre = CenterCropPreprocess(crop_size, mean, std).to(device)
+    n = len(train_y)
+    train_seconds = test_seconds = 0.0
+    test_curve: list[float] = []
+    loss_curve: list[float] = []
+    with frozen(encoder, device), seeded(seed, device):
+        dims = feature_dims(encoder, (c, crop_size, crop_size), grids)  # fails early on a bad grid
+        grids = as_grids(grids, len(dims["per_block"]))
+        head = make_head(dims["all"], num_classes).to(device)
+        # BatchNorm cannot normalise a batch of one; a plain linear head can
+        # (the reference keeps the last, partial batch of every epoch).
+        min_batch = 2 if _has_batchnorm(head) else 1
+        opt = torch.optim.Adam(head.parameters(), lr=lr, weight_decay=weight_decay)
+
+        def _eval(images, labels) -> float:
+            head.eval()
+            correct = 0
+            for rows, feats in iter_features(encoder, images, test_pre, grids=grids,
+                                             batch_size=feature_batch_size, device=device, amp=amp,
+                                             keys=("all",)):
+                with torch.no_grad():
+                    pred = head(feats["all"]).argmax(1).cpu()
+                correct += int((pred == labels[rows]).sum())
+            # An exact ratio over samples (the reference averages per-batch
+            # accuracies, which weighs a partial last batch like a full one).
+            return correct / len(labels)
+
+        epoch_iter = range(epochs)
+        if progress:
+            from tqdm import tqdm
+
+            epoch_iter = tqdm(epoch_iter, desc=desc, leave=False)
+        acc_aug = math.nan
+        for epoch in epoch_iter:
+            t0 = time.perf_counter()
+            head.train()
+            perm = torch.randperm(n)
+            total_loss, correct, seen = 0.0, 0, 0
+            for chunk in perm.split(feature_batch_size):
+                batch = train_images[chunk] if isinstance(train_images, torch.Tensor) else train_images[chunk.numpy()]
+                x = _as_uint8_tensor(batch).to(device, non_blocking=True)
+                yb_all = train_y[chunk].to(device)
+                with torch.no_grad():  # fresh crops and flips for every sample, every epoch
+                    feats = encode(encoder, train_aug(x), grids, keys=("all",), amp=amp)["all"]
+                for sub in torch.arange(len(chunk)).split(batch_size):
+                    if len(sub) < min_batch:
+                        continue
+                    logits = head(feats[sub.to(device)])
+                    yb = yb_all[sub.to(device)]
+                    loss = F.cross_entropy(logits, yb)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    total_loss += float(loss.detach()) * len(sub)
+                    correct += int((logits.argmax(1) == yb).sum())
+                    seen += len(sub)
+            loss_curve.append(total_loss / max(seen, 1))
+            acc_aug = correct / max(seen, 1)
+            train_seconds += time.perf_counter() - t0
+            if test_every_epoch or epoch == epochs - 1:
+                # The reference tests after every epoch and keeps both the
+                # final and the best accuracy (METHODS 2.5).
+                t0 = time.perf_counter()
+                test_curve.append(_eval(test_images, test_y))
+                test_seconds += time.perf_counter() - t0
+                if progress:
+                    epoch_iter.set_postfix(test_acc=f"{test_curve[-1]:.4f}")
+        train_acc = _eval(train_images, train_y)
+    out = {
+        "test_acc": test_curve[-1], "test_acc_final": test_curve[-1], "train_acc": train_acc,
+        "train_acc_augmented": acc_aug, "train_loss": loss_curve[-1], "train_loss_curve": loss_curve,
+        "epochs": epochs, "reference_epochs": PAPER_EPOCHS, "lr": lr, "batch_size": batch_size,
+        "weight_decay": weight_decay, "optimizer": "adam", "crop_size": crop_size, "test_transform": "center_crop",
+        "dim": dims["all"], "train_seconds": train_seconds, "test_seconds": test_seconds,
+    }
+    if test_every_epoch:
+        best = max(range(len(test_curve)), key=test_curve.__getitem__)  # the first epoch that reaches the max
+        out.update({"test_acc_best": test_curve[best], "best_epoch": best + 1, "test_acc_curve": test_curve})
+    return out
 
 
 def paper_linear_probe(
@@ -273,117 +426,114 @@ def paper_linear_probe(
     batch_size: int = PAPER_BATCH_SIZE,
     weight_decay: float = 0.0,
     crop_size: int | None = None,
-    padding: int = 4,
+    crop_scale: tuple[float, float] = PAPER_CROP_SCALE,
+    crop_ratio: tuple[float, float] = PAPER_CROP_RATIO,
     feature_batch_size: int = 256,
+    test_every_epoch: bool = True,
     seed: int = 0,
     device: torch.device | str = "cpu",
     amp: bool = False,
     progress: bool = False,
 ) -> dict:
-    """The paper's linear probe (METHODS 2.5) on uint8 (N, H, W, C) images.
+    """The paper's linear probe (``paper``, METHODS 2.5) on uint8 (N, H, W, C) images.
 
-    Every epoch, each training image gets a fresh random crop of side
-    ``crop_size`` (default: the image side; after ``padding`` px of reflect
-    padding) and a random horizontal flip, goes through the frozen encoder,
-    and the concatenated grid-pooled features of all blocks train a
-    BatchNorm1d(affine=False) + Linear head with Adam (lr 1e-3, batch 32).
-    Test images are centre-cropped to ``crop_size``. ``epochs=PAPER_EPOCHS``
-    (300) reproduces the paper.
+    Every epoch, each training image gets a fresh random resized crop
+    (area ``crop_scale`` = 0.08-1, aspect ``crop_ratio`` = 3/4-4/3, resized to
+    ``crop_size``, default the image side) and a random horizontal flip
+    (:class:`~localssl.data.augment.ResizedCropFlip`), goes through the frozen
+    encoder, and the concatenated grid-pooled features of all blocks train
+    one ``nn.Linear`` (with bias, no normalisation in front) with Adam (lr
+    1e-3, weight decay 0, batch 32) and cross-entropy. After every epoch the
+    test set (centre crop of side ``crop_size``: the identity when it equals
+    the image side) is classified. ``epochs=PAPER_EPOCHS`` (300) is the
+    paper's run length.
 
     ``feature_batch_size`` images are augmented and encoded at once and then
     split into optimizer batches of ``batch_size``: the encoder is frozen and
     augmentation is per-sample, so this is the same computation as encoding
     32 images at a time, just faster.
 
-    Returns ``{"train_acc", "test_acc", "train_acc_augmented", "train_loss",
-    "epochs", ...}``: ``train_acc`` is measured on centre crops after
-    training, ``train_acc_augmented`` is the running accuracy of the last
-    epoch on the augmented batches.
+    Returns (JSON-serialisable; accuracies are fractions in [0, 1]):
+    ``test_acc_final`` (after the last epoch), ``test_acc_best`` (max over
+    epochs), ``best_epoch`` (1-based, first epoch reaching the max),
+    ``test_acc_curve`` (one value per epoch), ``test_acc`` (= final, for
+    older readers), ``train_acc`` (centre crops, after training),
+    ``train_acc_augmented`` and ``train_loss`` (running values of the last
+    epoch), ``train_loss_curve``, and the protocol: ``epochs``,
+    ``reference_epochs`` (300), ``lr``, ``batch_size``, ``weight_decay``,
+    ``optimizer``, ``crop_size``, ``augmentation``, ``crop_scale``,
+    ``crop_ratio``, ``test_transform``, ``normalization`` (``"none"``),
+    ``dim``, ``train_seconds``, ``test_seconds``. With
+    ``test_every_epoch=False`` the test set is classified once, at the end,
+    and the best/curve keys are absent.
+    """
+    from localssl.data.augment import ResizedCropFlip
+
+    out = _augmented_probe(
+        encoder, train_images, train_labels, test_images, test_labels, make_head=make_paper_head,
+        make_augment=lambda size: ResizedCropFlip(size, mean, std, scale=crop_scale, ratio=crop_ratio),
+        mean=mean, std=std, grids=grids, num_classes=num_classes, epochs=epochs, lr=lr, batch_size=batch_size,
+        weight_decay=weight_decay, crop_size=crop_size, feature_batch_size=feature_batch_size,
+        test_every_epoch=test_every_epoch, seed=seed, device=device, amp=amp, progress=progress,
+        desc="paper probe",
+    )
+    out.update({"augmentation": "random_resized_crop+hflip", "crop_scale": list(crop_scale),
+                "crop_ratio": list(crop_ratio), "normalization": "none"})
+    return out
+
+
+def paper_bn_linear_probe(
+    encoder: nn.Module,
+    train_images,
+    train_labels,
+    test_images,
+    test_labels,
+    *,
+    mean: Sequence[float],
+    std: Sequence[float],
+    grids: int | Sequence[int],
+    num_classes: int | None = None,
+    epochs: int = 30,
+    lr: float = PAPER_LR,
+    batch_size: int = PAPER_BATCH_SIZE,
+    weight_decay: float = 0.0,
+    crop_size: int | None = None,
+    padding: int = 4,
+    feature_batch_size: int = 256,
+    test_every_epoch: bool = False,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    amp: bool = False,
+    progress: bool = False,
+) -> dict:
+    """The ``paper-bn`` probe: *ours*, not the paper's (module docstring).
+
+    The loop of :func:`paper_linear_probe` with a BatchNorm1d(affine=False) +
+    Linear head and a random crop of side ``crop_size`` after ``padding`` px
+    of reflect padding + horizontal flip
+    (:class:`~localssl.data.augment.CropFlip`). By default the test set is
+    classified once, after training (``test_acc`` = ``test_acc_final``);
+    ``test_every_epoch=True`` adds ``test_acc_best``, ``best_epoch`` and
+    ``test_acc_curve``. Same keys as :func:`paper_linear_probe` otherwise,
+    with ``padding``, ``augmentation`` = ``"pad_crop+hflip"`` and
+    ``normalization`` = ``"batchnorm1d_no_affine"``.
     """
     from localssl.data.augment import CropFlip
 
-    device = torch.device(device)
-    if epochs < 1 or batch_size < 1:
-        raise ValueError(f"epochs and batch_size must be >= 1, got {epochs} and {batch_size}")
-    train_y = torch.as_tensor(np.asarray(train_labels), dtype=torch.int64)
-    test_y = torch.as_tensor(np.asarray(test_labels), dtype=torch.int64)
-    if len(train_y) != len(train_images) or len(test_y) != len(test_images):
-        raise ValueError("images and labels differ in length")
-    if (train_y < 0).any() or (test_y < 0).any():
-        raise ValueError("probe labels must be >= 0 (drop unlabelled samples first)")
-    if num_classes is None:
-        num_classes = int(max(int(train_y.max()), int(test_y.max()))) + 1
-    h, w, c = train_images.shape[1:]
-    crop_size = min(h, w) if crop_size is None else int(crop_size)
-    if crop_size > min(h, w):
-        raise ValueError(f"crop_size {crop_size} is larger than the {h}x{w} images")
-    # A multiple of the optimizer batch, so optimizer batches never straddle chunks.
-    feature_batch_size = max(batch_size, (feature_batch_size // batch_size) * batch_size)
-
-    train_aug = CropFlip(crop_size, mean, std, padding=padding).to(device)
-    test_pre = CenterCropPreprocess(crop_size, mean, std).to(device)
-    n = len(train_y)
-    t0 = time.perf_counter()
-    with frozen(encoder, device), seeded(seed, device):
-        dims = feature_dims(encoder, (c, crop_size, crop_size), grids)  # fails early on a bad grid
-        grids = as_grids(grids, len(dims["per_block"]))
-        head = make_paper_head(dims["all"], num_classes).to(device)
-        opt = torch.optim.Adam(head.parameters(), lr=lr, weight_decay=weight_decay)
-        epoch_iter = range(epochs)
-        if progress:
-            from tqdm import tqdm
-
-            epoch_iter = tqdm(epoch_iter, desc="paper probe", leave=False)
-        loss_avg = acc_aug = math.nan
-        for _ in epoch_iter:
-            head.train()
-            perm = torch.randperm(n)
-            total_loss, correct, seen = 0.0, 0, 0
-            for chunk in perm.split(feature_batch_size):
-                batch = train_images[chunk] if isinstance(train_images, torch.Tensor) else train_images[chunk.numpy()]
-                x = _as_uint8_tensor(batch).to(device, non_blocking=True)
-                yb_all = train_y[chunk].to(device)
-                with torch.no_grad():
-                    feats = encode(encoder, train_aug(x), grids, keys=("all",), amp=amp)["all"]
-                for sub in torch.arange(len(chunk)).split(batch_size):
-                    if len(sub) < 2:
-                        continue  # BatchNorm cannot normalise a batch of one
-                    logits = head(feats[sub.to(device)])
-                    yb = yb_all[sub.to(device)]
-                    loss = F.cross_entropy(logits, yb)
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    total_loss += float(loss.detach()) * len(sub)
-                    correct += int((logits.argmax(1) == yb).sum())
-                    seen += len(sub)
-            loss_avg = total_loss / max(seen, 1)
-            acc_aug = correct / max(seen, 1)
-        train_seconds = time.perf_counter() - t0
-
-        head.eval()
-
-        def _eval(images, labels) -> float:
-            correct = 0
-            for rows, feats in iter_features(encoder, images, test_pre, grids=grids,
-                                             batch_size=feature_batch_size, device=device, amp=amp,
-                                             keys=("all",)):
-                with torch.no_grad():
-                    pred = head(feats["all"]).argmax(1).cpu()
-                correct += int((pred == labels[rows]).sum())
-            return correct / max(len(labels), 1)
-
-        test_acc = _eval(test_images, test_y)
-        train_acc = _eval(train_images, train_y)
-    return {
-        "train_acc": train_acc, "test_acc": test_acc, "train_acc_augmented": acc_aug, "train_loss": loss_avg,
-        "epochs": epochs, "lr": lr, "batch_size": batch_size, "weight_decay": weight_decay,
-        "crop_size": crop_size, "padding": padding, "normalization": "batchnorm1d_no_affine",
-        "dim": dims["all"], "train_seconds": train_seconds,
-    }
+    out = _augmented_probe(
+        encoder, train_images, train_labels, test_images, test_labels, make_head=make_paper_bn_head,
+        make_augment=lambda size: CropFlip(size, mean, std, padding=padding),
+        mean=mean, std=std, grids=grids, num_classes=num_classes, epochs=epochs, lr=lr, batch_size=batch_size,
+        weight_decay=weight_decay, crop_size=crop_size, feature_batch_size=feature_batch_size,
+        test_every_epoch=test_every_epoch, seed=seed, device=device, amp=amp, progress=progress,
+        desc="paper-bn probe",
+    )
+    out.update({"augmentation": "pad_crop+hflip", "padding": padding, "normalization": "batchnorm1d_no_affine"})
+    return out
 
 
 __all__ = [
-    "PAPER_EPOCHS", "PAPER_BATCH_SIZE", "PAPER_LR", "fit_linear", "linear_probe", "paper_linear_probe",
-    "predict", "standardization", "CenterCropPreprocess", "make_paper_head", "seeded",
+    "PAPER_EPOCHS", "PAPER_BATCH_SIZE", "PAPER_LR", "PAPER_CROP_SCALE", "PAPER_CROP_RATIO", "fit_linear",
+    "linear_probe", "paper_linear_probe", "paper_bn_linear_probe", "predict", "standardization",
+    "CenterCropPreprocess", "make_paper_head", "make_paper_bn_head", "seeded",
 ]

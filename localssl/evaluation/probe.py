@@ -14,8 +14,13 @@ Protocols (any subset, in ``protocols``):
 - ``"knn"``: weighted kNN (k=200, T=0.1) on ``"last"`` (and ``"all"`` if
   ``knn_features`` asks) -> ``knn_last`` / ``knn_all``. Shares the
   feature pass with ``"fast"``.
-- ``"paper"``: the paper's linear probe with crop + flip every epoch and a
-  centre-cropped test -> ``paper``.
+- ``"paper"``: the paper's linear probe (reference ``eval_ssl.py``): raw
+  features, one linear layer, RandomResizedCrop (0.08-1) + flip every epoch,
+  centre-cropped test after every epoch -> ``paper`` with
+  ``test_acc_final``, ``test_acc_best``, ``best_epoch``, ``test_acc_curve``
+  (``test_acc`` = final).
+- ``"paper-bn"``: ours, not the paper's: the same loop with BatchNorm1d in
+  front of the linear layer and a pad-4 crop + flip -> ``paper-bn``.
 
 The result is a flat, JSON-serialisable dict; accuracies are fractions in
 [0, 1]. The encoder is handed back unchanged: same parameters, same
@@ -35,7 +40,7 @@ from torch import nn
 
 from localssl.evaluation.features import as_grids, extract_features, feature_dims
 from localssl.evaluation.knn import KNN_K, KNN_TEMPERATURE, knn_accuracy
-from localssl.evaluation.linear import linear_probe, paper_linear_probe, seeded
+from localssl.evaluation.linear import linear_probe, paper_bn_linear_probe, paper_linear_probe, seeded
 
 if TYPE_CHECKING:
     from localssl.data import ImageArray
@@ -43,7 +48,7 @@ if TYPE_CHECKING:
 ProbeResult = dict[str, Any]
 """The JSON-serialisable dict that :func:`run_probe` returns."""
 
-PROTOCOLS = ("fast", "knn", "paper")
+PROTOCOLS = ("fast", "knn", "paper", "paper-bn")
 
 
 def random_init_like(encoder: nn.Module, seed: int = 0) -> nn.Module:
@@ -105,6 +110,7 @@ def run_probe(
     knn_features: Sequence[str] = ("last",),
     paper_epochs: int = 30,
     paper_options: dict | None = None,
+    paper_bn_options: dict | None = None,
     batch_size: int = 256,
     seed: int = 0,
     device: torch.device | str = "cpu",
@@ -121,14 +127,16 @@ def run_probe(
         mean, std: per-channel normalisation of the data set (as in pre-training).
         grids: pooling grid per block (METHODS 2.2); default
             ``default_grids(encoder.name)``.
-        protocols: any of ``"fast"``, ``"knn"``, ``"paper"``.
+        protocols: any of ``"fast"``, ``"knn"``, ``"paper"``, ``"paper-bn"``.
         fast_epochs, fast_lr, fast_weight_decay, fast_batch_size: fast linear probe.
         knn_k, knn_temperature, knn_features: kNN (InstDisc: k=200, T=0.1), on
             ``"last"`` and/or ``"all"``.
-        paper_epochs: epochs of the paper protocol (the paper: 300,
-            ``linear.PAPER_EPOCHS``).
+        paper_epochs: epochs of the ``paper`` and ``paper-bn`` protocols (the
+            paper: 300, ``linear.PAPER_EPOCHS``).
         paper_options: extra keyword arguments of :func:`paper_linear_probe`
-            (``lr``, ``batch_size``, ``crop_size``, ``padding``, ...).
+            (``lr``, ``batch_size``, ``crop_size``, ``crop_scale``, ...).
+        paper_bn_options: extra keyword arguments of
+            :func:`paper_bn_linear_probe` (``padding``, ``test_every_epoch``, ...).
         batch_size: images per encoder forward pass.
         seed: makes every protocol deterministic.
         device, amp: where the encoder runs; bf16 autocast.
@@ -136,7 +144,8 @@ def run_probe(
 
     Returns:
         e.g. ``{"fast_all": {"train_acc", "test_acc", ...}, "fast_last": {...},
-        "knn_last": {"test_acc", "k", "temperature"}, "paper": {...},
+        "knn_last": {"test_acc", "k", "temperature"}, "paper": {"test_acc_final",
+        "test_acc_best", "best_epoch", "test_acc_curve", "test_acc", ...}, "paper-bn": {...},
         "feature_dims": {"all", "last", "per_block"}, "grids", "num_train",
         "num_test", "num_classes", "seed", "seconds", "timings"}``.
     """
@@ -210,15 +219,18 @@ def run_probe(
             timings["knn"] = time.perf_counter() - t
         del ftrain, ftest
 
-    if "paper" in protocols:
+    augmented = {"paper": (paper_linear_probe, paper_options), "paper-bn": (paper_bn_linear_probe, paper_bn_options)}
+    for name, (probe_fn, options) in augmented.items():
+        if name not in protocols:
+            continue
         t = time.perf_counter()
-        opts = dict(paper_options or {})
+        opts = dict(options or {})
         opts.setdefault("epochs", paper_epochs)
-        result["paper"] = paper_linear_probe(
+        result[name] = probe_fn(
             encoder, train.images, train_y, test.images, test_y, mean=mean, std=std, grids=grids,
             num_classes=num_classes, seed=seed, device=device, amp=amp, progress=progress, **opts,
         )
-        timings["paper"] = time.perf_counter() - t
+        timings[name] = time.perf_counter() - t
 
     result["timings"] = timings
     result["seconds"] = time.perf_counter() - t_start

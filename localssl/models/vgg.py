@@ -9,6 +9,9 @@ The 8-layer ImageNet variant: 128, 256M, 512M, 512, 1024M, 1024M, 1024, 1024M.
 """
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+
 from torch import nn
 
 from localssl.models.blocks import BlockEncoder
@@ -25,8 +28,9 @@ VGG_CONFIGS: dict[str, list[tuple[int, bool]]] = {
 }
 
 # Pooled grid side per block for the spatially dependent CLAPP++ loss
-# (METHODS 2.2). For VGG-8 the paper gives no grids; these keep the same
-# ~4096-8192 dims per layer at 224 px *(inferred)*.
+# (METHODS 2.2) at 32/64/96 px. For VGG-8 the paper gives no grids; these keep
+# the same ~4096-8192 dims per layer at 224 px *(inferred)*. At other input
+# sizes `default_grids(name, shapes=...)` fits each to its block's map.
 DEFAULT_GRIDS: dict[str, list[int]] = {
     "vgg6": [8, 4, 4, 4, 2, 2],
     "vgg8": [8, 4, 4, 4, 2, 2, 2, 2],
@@ -73,10 +77,53 @@ def build_encoder(name: str, width: float = 1.0, in_channels: int = 3) -> BlockE
     return ENCODERS.get(name)(width=width, in_channels=in_channels)
 
 
-def default_grids(name: str, num_blocks: int | None = None) -> list[int]:
-    """Reference pooling grids for ``name``; 1 (global pooling) if unknown."""
+def fit_grid(reference: int, height: int, width: int | None = None) -> int:
+    """The pooled grid side for one ``height`` x ``width`` block output, given the paper's grid.
+
+    The rule (METHODS 2.2 keeps the kernel H/grid an integer): the reference
+    grid where it divides the map; otherwise the largest divisor of the map
+    side that is below it, so the pooled dimension stays at or below the
+    paper's (a 7x7 map with reference 4 gets 1, a 28x28 map with reference 8
+    gets 7). At 32, 64 and 96 px this is exactly the paper's grids.
+    """
+    width = height if width is None else width
+    if reference < 1 or height < 1 or width < 1:
+        raise ValueError(f"grid and map sides must be >= 1, got grid {reference} for a {height}x{width} map")
+    side = math.gcd(height, width)
+    return max(d for d in range(1, min(reference, side) + 1) if side % d == 0)
+
+
+def grid_choices(height: int, width: int | None = None) -> list[int]:
+    """Every grid side that divides a ``height`` x ``width`` map (what `fit_grid` picks from)."""
+    side = math.gcd(height, height if width is None else width)
+    return [d for d in range(1, side + 1) if side % d == 0]
+
+
+def default_grids(
+    name: str, num_blocks: int | None = None, *, shapes: Sequence[Sequence[int]] | None = None
+) -> list[int]:
+    """Pooling grids of encoder ``name``: the reference ones, or fitted to its block outputs.
+
+    Without ``shapes``: the paper's grids (METHODS 2.2), 1 (global pooling)
+    per block for an encoder without reference grids (``num_blocks`` needed).
+    With ``shapes`` (the ``(C, H, W)`` output of every block at the actual
+    input size, `BlockEncoder.feature_shapes`): each reference grid fitted to
+    its map by `fit_grid`, so any input size gets grids that work. Train,
+    probe, align and bench all take their default grids from here.
+    """
+    if shapes is not None:
+        shapes = [tuple(int(d) for d in s) for s in shapes]
+        if num_blocks is not None and num_blocks != len(shapes):
+            raise ValueError(f"num_blocks={num_blocks} but {len(shapes)} block shapes given")
+        num_blocks = len(shapes)
     if name in DEFAULT_GRIDS:
-        return list(DEFAULT_GRIDS[name])
-    if num_blocks is None:
+        reference = list(DEFAULT_GRIDS[name])
+        if shapes is not None and num_blocks != len(reference):
+            raise ValueError(f"encoder {name!r} has {len(reference)} reference grids but {num_blocks} block shapes")
+    elif num_blocks is None:
         raise KeyError(f"no default pooling grids for encoder {name!r}; give grids explicitly")
-    return [1] * num_blocks
+    else:
+        reference = [1] * num_blocks
+    if shapes is None:
+        return reference
+    return [fit_grid(g, s[-2], s[-1]) for g, s in zip(reference, shapes)]

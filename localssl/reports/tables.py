@@ -14,17 +14,42 @@ from typing import Any
 
 import yaml
 
+# (result key, accuracy field, header). The paper probe records the test
+# accuracy after its last epoch and the best over its epochs (METHODS 2.5:
+# which one the paper's table quotes is not known), so both are shown.
 COLUMNS = [
-    ("paper", "linear, paper protocol"),
-    ("fast_all", "linear, all layers (fast)"),
-    ("fast_last", "linear, last layer (fast)"),
-    ("knn_last", "kNN, last layer"),
+    ("paper", "test_acc_final", "linear, paper protocol, final"),
+    ("paper", "test_acc_best", "linear, paper protocol, best (epoch)"),
+    ("fast_all", "test_acc", "linear, all layers (fast)"),
+    ("fast_last", "test_acc", "linear, last layer (fast)"),
+    ("knn_last", "test_acc", "kNN, last layer"),
 ]
+# Shown only when some row has it: BatchNorm + pad-4 crop, ours, not the paper's.
+PAPER_BN_COLUMN = ("paper-bn", "test_acc", "linear, paper-bn (ours)")
+AUGMENTED = ("paper", "paper-bn")
 
 
-def _acc(probe: dict[str, Any], key: str) -> str:
+def _acc(probe: dict[str, Any], key: str, field: str = "test_acc") -> str:
     v = probe.get(key)
-    return f"{100 * v['test_acc']:.2f}" if isinstance(v, dict) and "test_acc" in v else "-"
+    if not isinstance(v, dict) or field not in v:
+        return "-"
+    cell = f"{100 * v[field]:.2f}"
+    if field == "test_acc_best":
+        cell += f" ({v.get('best_epoch', '?')} of {v.get('epochs', '?')})"
+    return cell
+
+
+def _upgrade(probe: dict[str, Any]) -> dict[str, Any]:
+    """Read older probe files: their ``paper`` entry was the BatchNorm + pad-4 probe, now ``paper-bn``.
+
+    The paper's own probe writes ``"normalization": "none"``; any other
+    ``paper`` entry predates it.
+    """
+    paper = probe.get("paper")
+    if isinstance(paper, dict) and paper.get("normalization") != "none":
+        probe = dict(probe)
+        probe.setdefault("paper-bn", probe.pop("paper"))
+    return probe
 
 
 def collect(runs_dir: str | Path) -> list[dict[str, Any]]:
@@ -35,22 +60,29 @@ def collect(runs_dir: str | Path) -> list[dict[str, Any]]:
         summary = json.loads((run / "summary.json").read_text()) if (run / "summary.json").exists() else {}
         for stem, label in (("probe", cfg["rule"]), ("probe-random-init", "random-init")):
             if (run / f"{stem}.json").exists():
-                probe = json.loads((run / f"{stem}.json").read_text())
-                # A paper-protocol probe run separately (e.g. on a train subset,
-                # `--protocols paper --out .../probe-paper.json`) joins the row.
-                paper = run / f"{stem}-paper.json"
-                if paper.exists():
-                    extra = json.loads(paper.read_text())
-                    probe["paper"] = extra["paper"]
-                    probe["paper_num_train"] = extra.get("num_train")
+                probe = _upgrade(json.loads((run / f"{stem}.json").read_text()))
+                # The augmented probes run separately (e.g. on a train subset,
+                # `--protocols paper paper-bn --out .../probe-paper.json`) join the row.
+                for extra_path in (run / f"{stem}-paper.json", run / f"{stem}-paper-bn.json"):
+                    if extra_path.exists():
+                        extra = _upgrade(json.loads(extra_path.read_text()))
+                        for key in AUGMENTED:
+                            if key in extra:
+                                probe[key] = extra[key]
+                                probe[f"{key}_num_train"] = extra.get("num_train")
                 rows.append({"label": label, "run": run, "cfg": cfg, "summary": summary if stem == "probe"
                              else {}, "probe": probe})
     return rows
 
 
+def columns(rows: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
+    return COLUMNS + ([PAPER_BN_COLUMN] if any("paper-bn" in r["probe"] for r in rows) else [])
+
+
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     # Speed is left to `localssl bench`, measured side by side on a quiet machine.
-    head = ["encoder / rule", *[c for _, c in COLUMNS], "pre-training"]
+    cols = columns(rows)
+    head = ["encoder / rule", *[c for _, _, c in cols], "pre-training"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cfg, s, p = r["cfg"], r["summary"], r["probe"]
@@ -59,8 +91,17 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
         else:
             n = cfg.get("subset") or "all"
             budget = f"{s.get('steps', '?')} steps x {cfg['batch_size']} images (of {n})"
-        lines.append("| " + " | ".join([r["label"], *[_acc(p, k) for k, _ in COLUMNS], budget]) + " |")
+        lines.append("| " + " | ".join([r["label"], *[_acc(p, k, f) for k, f, _ in cols], budget]) + " |")
     return "\n".join(lines)
+
+
+def _epochs(rows: list[dict[str, Any]], key: str) -> str:
+    """Epochs and train images of an augmented probe over all rows: one value, or each distinct one."""
+    probes = [r["probe"] for r in rows if isinstance(r["probe"].get(key), dict)]
+    used = sorted({(q[key].get("epochs"), q.get(f"{key}_num_train") or q.get("num_train")) for q in probes}, key=str)
+    ref = next((q[key]["reference_epochs"] for q in probes if "reference_epochs" in q[key]), None)
+    ref_text = f" (the paper: {ref})" if ref else ""
+    return " / ".join(f"{e} epochs{ref_text} on {n} train images" for e, n in used)
 
 
 def describe(rows: list[dict[str, Any]]) -> str:
@@ -70,15 +111,23 @@ def describe(rows: list[dict[str, Any]]) -> str:
     cfg, p = r0["cfg"], r0["probe"]
     pc = p.get("probe_config", {})
     env = p.get("env", {})
-    return (
+    text = (
         f"{cfg['dataset']}, {cfg['encoder']} width {cfg['width']}, batch {cfg['batch_size']}, lr {cfg['lr']}, "
         f"seed {cfg['seed']}; probes on {p.get('num_train')} train / {p.get('num_test')} test images "
-        f"(fast: {pc.get('epochs_fast')} epochs on frozen features; paper protocol: "
-        f"{p.get('paper', {}).get('epochs', '-')} epochs with crop+flip on "
-        f"{p.get('paper_num_train') or p.get('num_train')} train images; kNN k={pc.get('knn_k')}, "
-        f"T={pc.get('knn_t')}). Hardware: {env.get('cpu')}, "
-        f"{env.get('torch_threads')} threads, torch {env.get('torch')}."
+        f"(fast: {pc.get('epochs_fast')} epochs on frozen features; kNN k={pc.get('knn_k')}, T={pc.get('knn_t')})."
     )
+    if any("paper" in r["probe"] for r in rows):
+        text += (
+            f" Paper protocol (METHODS 2.5): {_epochs(rows, 'paper')}; raw features, one linear layer, "
+            "RandomResizedCrop 0.08-1 + flip, test after every epoch: final = after the last epoch, "
+            "best = the highest of the per-epoch test accuracies (epoch of the best, of the epochs run)."
+        )
+    if any("paper-bn" in r["probe"] for r in rows):
+        text += (
+            f" paper-bn (ours, not the paper's: BatchNorm1d in front of the linear layer, pad-4 crop + flip): "
+            f"{_epochs(rows, 'paper-bn')}."
+        )
+    return text + f" Hardware: {env.get('cpu')}, {env.get('torch_threads')} threads, torch {env.get('torch')}."
 
 
 def add_report_parser(sub: argparse._SubParsersAction) -> None:

@@ -440,7 +440,8 @@ def align_run(
     spec = dataset_spec(cfg.dataset)
 
     def load_images():
-        d = load_dataset(cfg.dataset, data_dir if data_dir is not None else cfg.data_dir, spec.pretrain_split)
+        d = load_dataset(cfg.dataset, data_dir if data_dir is not None else cfg.data_dir, spec.pretrain_split,
+                         resize=cfg.resize)
         if subset is not None:
             if subset < batch_size:
                 raise ConfigError(f"--subset {subset} is smaller than one batch ({batch_size} images)")
@@ -451,7 +452,7 @@ def align_run(
         return d
 
     # Refuse a BP rule before decoding any data, where the image size is known without it.
-    data = load_images() if spec.image_size is None else None
+    data = load_images() if spec.image_size is None or cfg.resize is not None else None
     if data is not None:
         spec = spec.resolved(data)
     input_shape = (spec.channels, spec.image_size, spec.image_size)
@@ -462,7 +463,7 @@ def align_run(
         encoder.load_state_dict(state["encoder"])
     shapes = encoder.feature_shapes(input_shape)
     grids = cfg.grids if cfg.grids is not None else (
-        default_grids(cfg.encoder, len(encoder)) if name in SPATIAL_RULES else None)
+        default_grids(cfg.encoder, shapes=shapes) if name in SPATIAL_RULES else None)
     try:
         rule = build_rule(name, shapes, rule_options(cfg, grids))
     except ValueError as e:
@@ -484,7 +485,8 @@ def align_run(
     rule.to(dev)
 
     crop = tuple(cfg.crop_scale) if cfg.crop_scale else spec.crop_scale
-    augment = SimCLRViews(spec.image_size, spec.mean, spec.std, crop_scale=crop).to(dev)
+    # The run's normalisation (saved since runs record it; imagefolder's is its own).
+    augment = SimCLRViews(spec.image_size, cfg.mean or spec.mean, cfg.std or spec.std, crop_scale=crop).to(dev)
     gen = torch.Generator().manual_seed(seed)
     draw = _views_sampler(data.images, augment, batch_size, gen, dev)
     # Kornia draws its random parameters from the global generator.
