@@ -12,15 +12,20 @@ import pytest
 import torch
 from torch import nn
 
+from localssl.engine import runtime
+from localssl.reports import bench
 from localssl.reports.bench import (
     BASELINE,
     FLOP_PARTS,
+    SHOWN_CPU_FLAGS,
     TIME_PARTS,
     SavedBytesTracker,
     _quartiles,
     add_bench_parser,
     bench_main,
     format_report,
+    precision_support,
+    resolve_precisions,
     run_bench,
 )
 
@@ -38,8 +43,8 @@ MB = {r: f"{r} [micro-batch {MICRO}]" for r in [*LOCAL, BASELINE]}
 @pytest.fixture(scope="module")
 def res():
     return run_bench(
-        encoder="vgg6", width=WIDTH, image_sizes=[SIZE], batch_size=BATCH, steps=1, warmup=0, rounds=1,
-        amp="off", rules=[*LOCAL, BASELINE], device="cpu", compare_precision=False, micro_batch=MICRO,
+        encoder="vgg6", widths=[WIDTH], image_sizes=[SIZE], batch_size=BATCH, steps=1, warmup=0, rounds=1,
+        precisions=["fp32"], rules=[*LOCAL, BASELINE], device="cpu", compare_precision=False, micro_batch=MICRO,
     )
 
 
@@ -54,8 +59,10 @@ def _layers():
 
 def test_structure_and_report(res):
     assert {"config", "env", "speed", "flops", "memory", "targets"} <= set(res)
-    assert res["config"]["amp_dtype"] == "fp32"
-    rows = {r["label"]: r for r in res["speed"]["rules"]}
+    assert res["config"]["precision"] == "fp32"
+    (entry,) = res["speed"]["entries"]
+    assert (entry["width"], entry["precision"]) == (WIDTH, "fp32")
+    rows = {r["label"]: r for r in entry["rules"]}
     assert set(rows) == {*LOCAL, BASELINE, *MB.values()}
     assert set(res["memory"][0]["rules"]) == set(rows)
     for r in rows.values():
@@ -214,10 +221,11 @@ def test_tracker_dedupes_releases_and_excludes_params():
 
 
 def test_precision_layout_and_unfused_variants():
-    res = run_bench(encoder="vgg6", width=WIDTH, image_sizes=[SIZE], batch_size=2, steps=1, warmup=0, rounds=1,
-                    amp="off", rules=["clapp++", "clapp++global"], device="cpu", memory=False, flops=False,
-                    augment=False)
-    rows = {r["label"]: r for r in res["speed"]["rules"]}
+    res = run_bench(encoder="vgg6", widths=[WIDTH], image_sizes=[SIZE], batch_size=2, steps=1, warmup=0, rounds=1,
+                    precisions=["fp32"], rules=["clapp++", "clapp++global"], device="cpu", memory=False,
+                    flops=False, augment=False, breakdown=False)
+    (entry,) = res["speed"]["entries"]
+    rows = {r["label"]: r for r in entry["rules"]}
     assert set(rows) == {"clapp++", "clapp++global", "clapp++global [bf16, channels_last]",
                          "clapp++global [fp32, contiguous]", "clapp++ [unfused AdamW]"}
     assert all(r["images_per_s"] > 0 for r in rows.values())
@@ -229,10 +237,98 @@ def test_cli_json(capsys, tmp_path):
     add_bench_parser(parser.add_subparsers(dest="command"))
     out = tmp_path / "bench.json"
     args = parser.parse_args(["bench", "--width", str(WIDTH), "--image-size", "32", "--no-speed", "--no-memory",
-                              "--no-augment", "--batch-size", "2", "--amp", "off", "--rules", "clapp++global",
+                              "--no-augment", "--batch-size", "2", "--precisions", "fp32", "--rules", "clapp++global",
                               "--json", "--out", str(out)])
     assert args.func is bench_main
     assert bench_main(args) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed == json.loads(out.read_text())
     assert printed["flops"]["rules"]["clapp++global"]["total"] > 0
+
+
+def _speed_only(**kw):
+    """The speed rounds alone, 1 step of 1 round per variant on the tiniest encoder."""
+    args = dict(encoder="vgg6", widths=[WIDTH], image_sizes=[SIZE], batch_size=2, steps=1, warmup=0, rounds=1,
+                rules=["clapp++global", BASELINE], device="cpu", memory=False, flops=False, augment=False,
+                breakdown=False, compare_precision=False)
+    return run_bench(**{**args, **kw})
+
+
+def test_speed_entry_per_width_and_precision(monkeypatch):
+    """One entry per (width, precision), in the order asked; widths from WIDE_WIDTH on take the wide_* counts;
+    the extras (micro-batch rows) only at the first width and precision; bf16 rows against fp32."""
+    widths, precisions, rules = [WIDTH, 2 * WIDTH], ["fp32", "bf16"], ["clapp++global", BASELINE]
+    monkeypatch.setattr(bench.run, "WIDE_WIDTH", 2 * WIDTH)  # the second width counts as wide here
+    res = _speed_only(widths=widths, precisions=precisions, rules=rules, rounds=1, wide_rounds=2, micro_batch=2)
+    entries = res["speed"]["entries"]
+    assert [(e["width"], e["precision"]) for e in entries] == [(w, p) for w in widths for p in precisions]
+    assert [(e["steps"], e["warmup"], e["rounds"]) for e in entries] == [(1, 0, 1)] * 2 + [(1, 1, 2)] * 2
+    for i, e in enumerate(entries):
+        main = [r for r in e["rules"] if r["main"]]
+        assert [r["rule"] for r in main] == rules
+        assert all(r["precision"] == e["precision"] and r["width"] == e["width"] for r in main)
+        assert all(len(r["rounds"]) == e["rounds"] for r in e["rules"])
+        extras = [r["label"] for r in e["rules"] if not r["main"]]
+        assert extras == ([f"{r} [micro-batch 2]" for r in rules] if i == 0 else [])
+        assert {r["rule"]: r["vs_bp"] for r in main}[BASELINE] == pytest.approx(1.0)
+        for r in main:
+            assert ("vs_fp32" in r) == (e["precision"] == "bf16")
+    text = format_report(res)
+    assert "vs fp32" in text and f"width {2 * WIDTH}: 2 rounds x 1 steps (+1 warm-up)" in text
+    json.dumps(res)
+
+
+@pytest.mark.parametrize("flags,native", [
+    ({"avx512f", "avx512bw"}, False),  # AVX-512 alone: oneDNN would emulate bf16
+    ({"avx512f", "avx512_bf16"}, True),
+    ({"amx_tile", "amx_bf16"}, True),
+])
+def test_auto_times_bf16_iff_the_cpu_has_it(monkeypatch, flags, native):
+    monkeypatch.setattr(runtime, "cpu_flags", lambda: frozenset(flags))
+    res = _speed_only(precisions="auto", rules=["clapp++global"])
+    expected = ["bf16", "fp32"] if native else ["fp32"]  # --amp auto's pick first
+    assert res["config"]["precisions"] == expected
+    assert [e["precision"] for e in res["speed"]["entries"]] == expected
+    sup = res["precision_support"]
+    assert sup["native_bf16"] is native and sup["amp_auto"] == expected[0]
+    assert sup["cpu_flags"] == {f: f in flags for f in SHOWN_CPU_FLAGS}
+    assert (res["precision_note"] is not None) == (not native)
+    text = format_report(res)
+    for f in SHOWN_CPU_FLAGS:
+        assert f"{f} {'present' if f in flags else 'absent'}" in text
+    assert f"`--amp auto` picks {expected[0]}" in text
+    assert ("bf16 skipped" in text) == (not native)
+
+
+def test_resolve_precisions_names_bad_values():
+    sup = {"native_bf16": False, "decided_by": "neither amx_bf16 nor avx512_bf16 in the CPU flags"}
+    assert resolve_precisions(["bf16", "fp32", "bf16"], sup)[0] == ["bf16", "fp32"]
+    assert "emulated" in resolve_precisions(["bf16"], sup)[1]
+    assert resolve_precisions(["fp32"], sup) == (["fp32"], None)
+    with pytest.raises(ValueError, match="fp16"):
+        resolve_precisions(["fp32", "fp16"], sup)
+    with pytest.raises(ValueError, match="'auto' alone"):
+        resolve_precisions(["auto", "fp32"], sup)
+
+
+def test_precision_support_on_cpu_follows_the_flags(monkeypatch):
+    monkeypatch.setattr(runtime, "cpu_flags", lambda: frozenset())  # e.g. no /proc/cpuinfo
+    sup = precision_support(torch.device("cpu"))
+    assert not sup["native_bf16"] and sup["amp_auto"] == "fp32" and not any(sup["cpu_flags"].values())
+
+
+def test_a_rule_that_does_not_fit_is_reported_not_run(monkeypatch):
+    """With 10 MiB free (8 MiB under the guard), BP-InfoNCE (16 bytes x ~0.13M parameters with gradients and
+    AdamW state at this width, ~2 MiB) runs and CLAPP++ (dense B alone 786k parameters, 12 MiB) is reported as
+    not run, in the speed and the memory tables."""
+    free = 10 * 2**20
+    monkeypatch.setattr(bench.speed, "available_memory", lambda dev: free)
+    monkeypatch.setattr(bench.memory, "available_memory", lambda dev: free)
+    res = _speed_only(rules=[BASELINE, "clapp++"], precisions=["fp32"], memory=True)
+    rows = {r["label"]: r for r in res["speed"]["entries"][0]["rules"]}
+    assert "images_per_s" in rows[BASELINE] and "error" not in rows[BASELINE]
+    assert "GiB available" in rows["clapp++"]["error"] and "images_per_s" not in rows["clapp++"]
+    mem = res["memory"][0]["rules"]
+    assert "GiB available" in mem["clapp++"]["error"] and "parameters" in mem[BASELINE]
+    text = format_report(res)
+    assert "clapp++ (width 0.0625, fp32): not run:" in text and "clapp++: not run:" in text

@@ -18,24 +18,31 @@ def resolve_device(name: str = "auto") -> torch.device:
     return dev
 
 
+#: CPU flags (Linux /proc/cpuinfo names) of native bf16 matrix instructions.
+CPU_BF16_FLAGS = frozenset({"amx_bf16", "avx512_bf16"})
+
+
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as /proc/cpuinfo lists them (first CPU); empty where unreadable (non-Linux)."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
 def cpu_supports_bf16() -> bool:
     """True where the CPU has native bf16 matrix instructions (AMX-BF16 or AVX512-BF16).
 
     oneDNN also *emulates* bf16 on plain AVX-512, and reports it as supported,
     but there it runs 2-5x slower than fp32 (measured on an AVX-512 Xeon
     without either flag: ``localssl bench`` prints the comparison). So the
-    flags are read from /proc/cpuinfo rather than trusting that report.
+    flags are read from /proc/cpuinfo (`cpu_flags`) rather than trusting that report.
     """
-    try:
-        with open("/proc/cpuinfo") as fh:
-            flags = set()
-            for line in fh:
-                if line.startswith("flags"):
-                    flags.update(line.split(":", 1)[1].split())
-                    break
-    except OSError:
-        return False
-    return bool(flags & {"amx_bf16", "avx512_bf16"})
+    return bool(cpu_flags() & CPU_BF16_FLAGS)
 
 
 def resolve_amp(mode: str, device: torch.device) -> torch.dtype | None:

@@ -1,0 +1,140 @@
+"""What every measuring tool of ``localssl bench`` shares: targets, one rule ready to train, random inputs."""
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from localssl.models import BlockEncoder, build_encoder, default_grids
+from localssl.rules import SPATIAL_RULES, Rule, RuleOptions, build_rule
+
+DEFAULT_RULES = ("clapp++", "clapp++global", "bp-infonce")
+#: The end-to-end rule that speed and memory are compared with.
+BASELINE = "bp-infonce"
+#: Speed targets, images/s relative to BP-InfoNCE.
+SPEED_TARGETS = {"clapp++global": 1.3, "clapp++": 0.9}
+#: Local peak saved activations relative to BP.
+MEMORY_TARGET = 0.5
+#: Augmentation images/s relative to training images/s.
+AUGMENT_TARGET = 5.0
+#: Above this spread between rounds, the report warns that the timings are noisy.
+NOISY_SPREAD = 0.25
+#: METHODS 2.2b, full-width VGG-6 at 32 px, GFLOP per view.
+REFERENCE_GFLOP = {"local step": 2.1, "BP step": 3.2, "dense B (fwd + dB)": 0.8}
+#: METHODS 2.2b: the largest block's share of the sum over blocks, VGG-6 at 32 px.
+REFERENCE_FLOOR = 0.41
+#: The precisions a benchmark can time, by name: the autocast dtype (None = plain fp32).
+PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16}
+
+#: What a failed build or step raises: pooling grids that do not fit an image size
+#: (ValueError), an allocation the allocator refuses (RuntimeError, torch.OutOfMemoryError,
+#: MemoryError).
+BUILD_ERRORS = (ValueError, RuntimeError, MemoryError)
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class BenchState:
+    """One rule ready to train: its own copy of the encoder, the rule, its optimizer."""
+
+    name: str
+    encoder: BlockEncoder
+    rule: Rule
+    optimizer: torch.optim.Optimizer
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    memory_format: torch.memory_format
+    micro_batch: int | None = None
+
+    def step(self, views: torch.Tensor, with_optimizer: bool = True) -> list[torch.Tensor]:
+        from localssl.engine.trainer import train_step
+
+        return train_step(self.encoder, self.rule, self.optimizer if with_optimizer else None, views,
+                          device=self.device, amp_dtype=self.amp_dtype, micro_batch=self.micro_batch)
+
+    def trainable_numel(self) -> int:
+        return sum(p.numel() for g in self.optimizer.param_groups for p in g["params"])
+
+
+def build_state(
+    rule_name: str,
+    encoder_name: str,
+    width: float,
+    image_size: int,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    channels_last: bool,
+    seed: int,
+    micro_batch: int | None = None,
+) -> BenchState:
+    """Encoder + rule + AdamW (lr 2e-4, wd 0, METHODS 2.4), as `localssl train` builds them."""
+    from localssl.engine.trainer import build_optimizer
+
+    torch.manual_seed(seed)  # the same encoder init for every rule
+    encoder = build_encoder(encoder_name, width, 3)
+    shapes = encoder.feature_shapes((3, image_size, image_size))
+    grids = default_grids(encoder_name, shapes=shapes) if rule_name in SPATIAL_RULES else None
+    rule = build_rule(rule_name, shapes, RuleOptions(grids=grids))
+    mf = torch.channels_last if channels_last else torch.contiguous_format
+    encoder.to(device, memory_format=mf)
+    rule.to(device)
+    encoder.train()
+    opt = build_optimizer(encoder, rule, 2e-4, 0.0)
+    return BenchState(rule_name, encoder, rule, opt, device, amp_dtype, mf, micro_batch)
+
+
+def random_views(batch_size: int, image_size: int, device: torch.device, channels_last: bool,
+                 seed: int) -> torch.Tensor:
+    """Two views per image of standard-normal noise: no data set needed, the same inputs for every rule."""
+    g = torch.Generator().manual_seed(seed)
+    v = torch.randn(2 * batch_size, 3, image_size, image_size, generator=g).to(device)
+    return v.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued kernels (CUDA runs asynchronously), so that a clock reading means something."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def dtype_name(dtype: torch.dtype | None) -> str:
+    return "fp32" if dtype is None else str(dtype).replace("torch.", "").replace("bfloat16", "bf16")
+
+
+def rule_variants(rules: Sequence[str], micro_batch: int | None) -> list[tuple[str, int | None]]:
+    """Every rule with the plain step, then (if asked) every rule micro-batched: the rows of every table."""
+    return [(r, None) for r in rules] + ([(r, micro_batch) for r in rules] if micro_batch else [])
+
+
+def variant_label(rule: str, micro_batch: int | None) -> str:
+    return rule if micro_batch is None else f"{rule} [micro-batch {micro_batch}]"
+
+
+def error_text(e: BaseException) -> str:
+    """One line for a table: the exception's class where its message alone would not say what failed."""
+    lines = str(e).strip().splitlines()
+    msg = lines[0] if lines else ""
+    if isinstance(e, ValueError) and msg:  # bad input: the message names the value
+        return msg
+    return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
+
+
+def hook_optimizer_step(state: BenchState, pre: Callable[..., None], post: Callable[..., None]) -> list[Any]:
+    """Call ``pre``/``post`` around the optimizer's ``step`` of ``state``; returns the removable handles."""
+    return [state.optimizer.register_step_pre_hook(pre), state.optimizer.register_step_post_hook(post)]
+
+
+def quartiles(xs: Sequence[float]) -> list[float]:
+    """First and third quartile (inclusive method); a single value is its own quartiles."""
+    if len(xs) < 2:
+        return [xs[0], xs[0]]
+    q = statistics.quantiles(xs, n=4, method="inclusive")
+    return [q[0], q[2]]
+
+
+def median(xs: Sequence[float]) -> float:
+    return float(statistics.median(xs)) if xs else float("nan")
