@@ -46,8 +46,9 @@ _HELP = {
     "retain_freed_memory": "keep freed memory for the next block instead of returning it to the OS "
     "(glibc; saves page faults, changes no result)",
     "random_init": "probe an untrained encoder of the same shape instead",
-    "protocols": "fast (features once, linear), paper (METHODS 2.5, augmented), knn",
-    "epochs_paper": "epochs of the paper-protocol probe (the paper uses 300)",
+    "protocols": "fast (features once, linear), paper (METHODS 2.5: raw features, RandomResizedCrop 0.08-1 + flip, "
+                 "final and best), paper-bn (ours: BatchNorm + pad-4 crop), knn",
+    "epochs_paper": "epochs of the paper and paper-bn probes (the paper uses 300)",
 }
 
 
