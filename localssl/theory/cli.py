@@ -1,11 +1,22 @@
 """``localssl theory``: run the deep-linear-network experiments of METHODS 3.
 
     localssl theory [EXPERIMENT|all] [--f logistic|hinge|linear|type1] [--seeds N]
-                    [--mnist-dir DIR] [--out DIR] [--json]
+                    [--mnist-dir DIR] [--out DIR] [--json] [--layout authors|one-pair]
 
 Prints one table per experiment (or, with ``--json``, the same figures as
 JSON), and writes ``<experiment>.png`` and ``<experiment>.json`` into
 ``--out`` (default ``runs/theory``).
+
+``broken`` defaults to the authors' layout (METHODS 3): a batch of 32 images
+stacks [TL x 32, TR x 32 | BL x 32, BR x 32] (64 positive pairs, both
+columns of every image), L2 0.005 per B, negative = the next row of the
+projected batch, W = the authors' BP model's (untrained) weights replayed
+in their draw order; it reports the mean +- std over --seeds init seeds and
+the authors' seed 42 alone. ``--layout one-pair`` is the earlier setting (one
+pair per image, columns alternating, L2 0.01 per B, negative scored with the
+context's B, plain float64 init). ``ablation`` changes one of these choices
+at a time (and fits B as the authors run it, float32 L-BFGS, for seed 42);
+it is not part of ``all``.
 """
 from __future__ import annotations
 
@@ -30,9 +41,12 @@ EXPERIMENTS.register("broken")(_linear.broken)
 EXPERIMENTS.register("dfb")(_linear.dfb)
 EXPERIMENTS.register("conv")(_conv_experiment)
 EXPERIMENTS.register("projection")(_linear.projection)
+EXPERIMENTS.register("ablation")(_linear.broken_ablation)
 
 #: the order of ``all``
 ORDER = ("theorem31", "broken", "dfb", "conv", "projection")
+#: experiments run only when named (slow, or about one experiment's choices)
+EXTRA = ("ablation",)
 
 
 def run_theory(experiment: str = "all", *, f: str = "logistic", seeds: int | None = None,
@@ -83,17 +97,26 @@ def add_theory_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
     """Add the ``theory`` subcommand to an argparse ``subparsers``; sets ``func=theory_main``."""
     p = subparsers.add_parser("theory", help="deep linear network theory experiments (METHODS 3)",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("experiment", nargs="?", default="all", choices=list(ORDER) + ["all"],
-                   help="which experiment (default: all)")
+    p.add_argument("experiment", nargs="?", default="all", choices=list(ORDER) + list(EXTRA) + ["all"],
+                   help=f"which experiment (default: all = {', '.join(ORDER)})")
     p.add_argument("--f", default="logistic", choices=list(_linear.LOSS_FUNCTIONS),
                    help="loss function f of the unified loss (default: logistic)")
-    p.add_argument("--seeds", type=int, default=None, help="number of init seeds (default: per experiment)")
+    p.add_argument("--seeds", type=int, default=None,
+                   help="number of init seeds 0..N-1 (default: per experiment; broken and ablation also "
+                        "report the authors' seed 42 alone)")
     p.add_argument("--mnist-dir", default=None,
                    help="folder with the MNIST IDX files: use the authors' MNIST patch setting")
     p.add_argument("--out", default="runs/theory", help="folder for PNG plots and JSON (default: runs/theory)")
     p.add_argument("--json", action="store_true", help="print the figures as JSON instead of tables")
-    p.add_argument("--fit", default=None, choices=["newton", "lbfgs"],
-                   help="how B is fitted: exact Newton (default) or the authors' L-BFGS (slow)")
+    p.add_argument("--fit", default=None, choices=list(_linear.BROKEN_FITS),
+                   help="how B is fitted: exact Newton (default), L-BFGS in float64 (slow), or, for broken "
+                        "only, lbfgs32: the authors' float32 L-BFGS, warm-started, 3 refits per batch (slower)")
+    p.add_argument("--layout", default=None, choices=list(_linear.BROKEN_LAYOUTS),
+                   help="broken only: 'authors' (default: 64 pairs per 32 images, L2 0.005 per B, negative = "
+                        "next row of the projected batch, the authors' BP-model weights) or 'one-pair' (one "
+                        "pair per image, L2 0.01 per B, negative scored with the context's B)")
+    p.add_argument("--lam", type=float, default=None,
+                   help="L2 penalty per B matrix (default: 0.005 for broken's authors layout, else 0.01)")
     p.add_argument("--batches", type=int, default=None, help="number of batches (default: per experiment)")
     p.add_argument("--preprocess", default=None, choices=list(_linear.MNIST_PREPROCESS),
                    help="MNIST pixel preprocessing (default: normalize)")
@@ -111,6 +134,10 @@ def theory_main(args: argparse.Namespace) -> int:
         extra["n_batches"] = args.batches
     if getattr(args, "preprocess", None):
         extra["preprocess"] = args.preprocess
+    if getattr(args, "layout", None):
+        extra["layout"] = args.layout
+    if getattr(args, "lam", None) is not None:
+        extra["lam"] = args.lam
     try:
         run_theory(args.experiment, f=args.f, seeds=args.seeds, mnist_dir=args.mnist_dir,
                    out_dir=args.out, json=args.json, plot=not getattr(args, "no_plot", False), **extra)

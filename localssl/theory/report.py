@@ -23,7 +23,8 @@ class TheoryResult:
     first); ``reference[setting]`` holds published per-layer figures to show
     next to ours (the authors' cosines); ``per_seed[setting]`` optionally the
     per-seed rows of the primary metric; ``primary`` is the metric that
-    :meth:`plot` draws.
+    :meth:`plot` draws, with the metrics named in ``secondary`` (e.g. the
+    authors' seed alone) as dotted lines.
     """
 
     name: str
@@ -33,6 +34,7 @@ class TheoryResult:
     reference: dict[str, list[float]] = field(default_factory=dict)
     per_seed: dict[str, list[list[float]]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    secondary: list[str] = field(default_factory=list)
     runtime_s: float = 0.0
 
     def add(self, setting: str, metric: str, values) -> None:
@@ -57,7 +59,8 @@ class TheoryResult:
 
         return clean({
             "experiment": self.name, "config": self.config, "metrics": self.metrics,
-            "reference": self.reference, "per_seed": self.per_seed, "notes": self.notes,
+            "reference": self.reference, "per_seed": self.per_seed, "secondary": self.secondary,
+            "notes": self.notes,
             "runtime_s": round(self.runtime_s, 3),
         })
 
@@ -92,26 +95,41 @@ class TheoryResult:
             return None
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fig, ax = plt.subplots(figsize=(5.5, 3.8))
+        n_lines = sum((self.primary in ms) + sum(k in ms for k in self.secondary) for ms in self.metrics.values())
+        many = n_lines + len(self.reference) > 8  # legend beside the axes, not over the curves
+        fig, ax = plt.subplots(figsize=(9.0, 4.2) if many else (5.5, 3.8))
         for setting, ms in self.metrics.items():
-            if self.primary not in ms:
+            color = None
+            if self.primary in ms:
+                y = np.asarray(ms[self.primary])
+                x = np.arange(1, len(y) + 1)
+                std_key = next((k for k in ms if k.startswith(self.primary.replace("_mean", ""))
+                                and "std_seeds" in k), None)
+                line = ax.plot(x, y, marker="o", label=setting)[0]
+                color = line.get_color()
+                if std_key:
+                    s = np.asarray(ms[std_key])
+                    ax.fill_between(x, y - s, y + s, color=color, alpha=0.2)
+            for key in self.secondary:
+                if key in ms:
+                    y2 = np.asarray(ms[key])
+                    line2 = ax.plot(np.arange(1, len(y2) + 1), y2, ls=":", marker=".", color=color,
+                                    label=f"{setting} ({key.replace('cosine_', '')})")[0]
+                    color = line2.get_color()
+            if color is None:
                 continue
-            y = np.asarray(ms[self.primary])
-            x = np.arange(1, len(y) + 1)
-            std_key = next((k for k in ms if k.startswith(self.primary.replace("_mean", "")) and "std_seeds" in k),
-                           None)
-            line = ax.plot(x, y, marker="o", label=setting)[0]
-            if std_key:
-                s = np.asarray(ms[std_key])
-                ax.fill_between(x, y - s, y + s, color=line.get_color(), alpha=0.2)
             if setting in self.reference:
-                ax.plot(x, self.reference[setting], ls="--", marker="x", color=line.get_color(),
+                ref = self.reference[setting]
+                ax.plot(np.arange(1, len(ref) + 1), ref, ls="--", marker="x", color=color,
                         label=f"{setting} (authors)")
         ax.set_xlabel("layer")
         ax.set_ylabel(self.primary)
         ax.set_title(self.name)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        if many:
+            ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+        else:
+            ax.legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(path, dpi=120)
         plt.close(fig)
