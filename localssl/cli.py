@@ -37,7 +37,8 @@ _HELP = {
     "mean": "per-channel normalisation mean, 0..1 scale (default: the data set's published values; imagefolder: "
     "its own, computed once from its images)",
     "std": "per-channel normalisation std, 0..1 scale (default: as for --mean)",
-    "max_steps": "stop after this many optimisation steps (overrides epochs)",
+    "max_steps": "train for exactly this many optimisation steps (overrides epochs; on --resume, --epochs alone "
+    "drops the run's max_steps)",
     "batch_size": "images per batch (two views each)",
     "micro_batch": "views per chunk inside a step: the same gradient with one chunk's activations held, "
     "for one more forward pass",
@@ -95,6 +96,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         if not saved.exists():
             raise ConfigError(f"cannot resume: {saved} does not exist")
         base = load_yaml(TrainConfig, saved)
+        if args.epochs is not None and args.max_steps is None:
+            # --max-steps overrides --epochs, so a run's saved max_steps would ignore the --epochs asked for:
+            # on resume, --epochs alone sets the run's length in epochs.
+            base.max_steps = None
     cfg = _resolve(TrainConfig, args, base)
     out = train(cfg, resume=args.resume)
     print(f"run written to {out}")
@@ -158,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from localssl.engine.trainer import NonFiniteLossError
+    from localssl.engine.trainer import NonFiniteLossError, TrainingInterrupted
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -172,6 +177,9 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteLossError as e:
         print(f"localssl {args.command}: {e}", file=sys.stderr)
         return 1
+    except TrainingInterrupted as e:
+        print(f"localssl {args.command}: {e}", file=sys.stderr)
+        return e.returncode
     return int(rc or 0)
 
 

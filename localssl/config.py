@@ -10,6 +10,7 @@ before training starts, with a message that says what to change.
 """
 from __future__ import annotations
 
+import math
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields
@@ -196,6 +197,22 @@ def replace(cfg: Any, **overrides: Any) -> Any:
     return from_dict(type(cfg), data)
 
 
+def _check_finite_numbers(cfg: Any) -> None:
+    """Every float option (and list entry) is a finite number: ``nan`` and ``inf`` parse as floats, and
+    e.g. ``lr: inf`` gives finite losses at step 1 and non-finite weights after it."""
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        values = value if isinstance(value, list) else [value]
+        bad = [v for v in values if isinstance(v, float) and not math.isfinite(v)]
+        if bad:
+            raise ConfigError(f"{f.name} must be a finite number, got {value!r}")
+
+
+# AdamW moves every parameter by about lr per step whatever the gradient's
+# scale (Loshchilov & Hutter 2019): above 1, one step outgrows any weight.
+MAX_LR = 1.0
+
+
 def validate_train(cfg: TrainConfig) -> None:
     """Catch impossible settings before any data is loaded or step is taken."""
     # Imported here: the registries import torch and the data loaders.
@@ -211,6 +228,11 @@ def validate_train(cfg: TrainConfig) -> None:
         raise ConfigError(f"unknown feedback {cfg.feedback!r}; valid: {', '.join(FEEDBACK_KINDS)}")
     if cfg.amp not in AMP_MODES:
         raise ConfigError(f"unknown amp mode {cfg.amp!r}; valid: {', '.join(AMP_MODES)}")
+    if not str(cfg.out).strip():
+        raise ConfigError("out must name the run's folder, got an empty string")
+    _check_finite_numbers(cfg)
+    if cfg.lr > MAX_LR:
+        raise ConfigError(f"lr must be <= {MAX_LR} (AdamW moves every weight by about lr per step), got {cfg.lr}")
     positive = {"width": cfg.width, "epochs": cfg.epochs, "lr": cfg.lr, "temperature": cfg.temperature,
                 "proj_dim": cfg.proj_dim, "checkpoint_every": cfg.checkpoint_every, "log_every": cfg.log_every}
     for k, v in positive.items():
@@ -331,6 +353,9 @@ def rule_options(cfg: TrainConfig, grids: list[int] | None = None) -> RuleOption
 
 
 def validate_probe(cfg: ProbeConfig) -> None:
+    _check_finite_numbers(cfg)
+    if cfg.lr <= 0 or cfg.lr > MAX_LR:
+        raise ConfigError(f"lr must be in (0, {MAX_LR}], got {cfg.lr}")
     bad = [p for p in cfg.protocols if p not in PROBE_PROTOCOLS]
     if bad:
         raise ConfigError(f"unknown probe protocol(s) {bad}; valid: {', '.join(PROBE_PROTOCOLS)}")

@@ -55,6 +55,15 @@ def test_wrong_type_names_the_key():
         ({"mean": [0.5] * 3, "std": [0.2, 0.0, 0.2]}, "std must be > 0"),
         ({"f": "linear"}, "b_l2"),
         ({"lr": 0}, "lr must be > 0"),
+        # nan and inf parse as floats and pass `> 0`; lr inf or 1e38 gives finite losses at step 1 and inf weights.
+        ({"lr": float("inf")}, r"lr must be a finite number, got inf"),
+        ({"lr": 1e38}, r"lr must be <= 1\.0"),
+        ({"temperature": float("nan")}, r"temperature must be a finite number, got nan"),
+        ({"width": float("nan")}, "width must be a finite number"),
+        ({"weight_decay": float("inf")}, "weight_decay must be a finite number"),
+        ({"crop_scale": [float("nan"), 1.0]}, "crop_scale must be a finite number"),
+        ({"mean": [0.5, float("inf"), 0.5], "std": [0.2] * 3}, "mean must be a finite number"),
+        ({"out": ""}, "out must name the run's folder"),
     ],
 )
 def test_impossible_values_caught_before_training(kw, pattern):
@@ -105,3 +114,20 @@ def test_probe_config_checks_grids_and_resize():
     for bad, pattern in (({"resize": -1}, "resize must be > 0"), ({"grids": [0, 1]}, "grids must be >= 1")):
         with pytest.raises(ConfigError, match=pattern):
             validate_probe(ProbeConfig(**bad))
+
+
+def test_probe_config_refuses_non_finite_numbers():
+    from localssl.config import validate_probe
+
+    for bad, pattern in (({"lr": float("nan")}, "lr must be a finite number"),
+                         ({"knn_t": float("inf")}, "knn_t must be a finite number"),
+                         ({"lr": 2.0}, r"lr must be in \(0, 1\.0\]")):
+        with pytest.raises(ConfigError, match=pattern):
+            validate_probe(ProbeConfig(**bad))
+
+
+def test_nan_from_the_command_line_is_refused_without_lr_advice(tmp_path, capsys):
+    rc = main(["train", "--temperature", "nan", "--out", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "temperature must be a finite number" in err and "--lr" not in err
+    assert not (tmp_path / "r").exists()

@@ -233,3 +233,69 @@ def test_retain_freed_memory_is_a_resumable_option(tmp_path, monkeypatch):
     run = train(tiny_cfg(tmp_path, max_steps=2, retain_freed_memory=True), resume=True)
     assert calls == [1]
     assert "allocator" in load_checkpoint(run / CHECKPOINT)["env"]
+
+
+def test_nonfinite_weights_stop_before_the_checkpoint(tmp_path, monkeypatch):
+    """Step 6's losses finite, its update overflowed (as with a huge lr): the checkpoint due after it is not
+    written over step 3's, and the error says why."""
+    real_step = trainer_mod.train_step
+    calls = {"n": 0}
+
+    def overflowing_step(encoder, *a, **kw):
+        losses = real_step(encoder, *a, **kw)
+        calls["n"] += 1
+        if calls["n"] == 6:
+            with torch.no_grad():
+                next(encoder.parameters()).fill_(float("inf"))
+        return losses
+
+    monkeypatch.setattr(trainer_mod, "train_step", overflowing_step)
+    with pytest.raises(trainer_mod.NonFiniteWeightsError,
+                       match=r"after step 6 the weights are not finite \(blocks\.0\..*last good checkpoint is kept"):
+        train(tiny_cfg(tmp_path, max_steps=7))
+    state = load_checkpoint(tmp_path / "run" / CHECKPOINT)
+    assert state["step"] == 3
+    assert all(torch.isfinite(v).all() for v in state["encoder"].values())
+    assert not (tmp_path / "run" / "encoder.pt").exists()
+
+
+def test_probe_refuses_non_finite_weights(tmp_path):
+    from localssl.config import ProbeConfig
+    from localssl.evaluation.run import probe_run
+
+    run = train(tiny_cfg(tmp_path, max_steps=1))
+    state = load_checkpoint(run / CHECKPOINT)
+    key = next(iter(state["encoder"]))
+    state["encoder"][key].fill_(float("inf"))
+    torch.save(state, run / CHECKPOINT)
+    with pytest.raises(ConfigError, match=rf"{run / CHECKPOINT} holds non-finite weights \({key}"):
+        probe_run(ProbeConfig(run=str(run), train_subset=20, test_subset=20, amp="off"))
+    assert not (run / "probe.json").exists()
+
+
+def test_max_steps_overrides_epochs(tmp_path):
+    """6 steps per epoch here: --max-steps 8 with --epochs 1 trains 8 steps (the help's "overrides epochs")."""
+    run = train(tiny_cfg(tmp_path, max_steps=8))
+    assert load_checkpoint(run / CHECKPOINT)["step"] == 8
+
+
+def test_resume_with_epochs_drops_the_runs_max_steps_and_an_empty_resume_says_so(tmp_path, capsys):
+    from localssl.cli import main
+
+    out = str(tmp_path / "run")
+    flags = ["--dataset", "shapes10", "--width", "0.0625", "--subset", "96", "--batch-size", "16", "--amp", "off",
+             "--no-progress", "--seed", "3"]
+    assert main(["train", *flags, "--max-steps", "2", "--out", out]) == 0
+    # The README's resume example: --epochs alone asks for 2 epochs (12 steps), not the run's 2 steps.
+    assert main(["train", "--resume", "--out", out, "--epochs", "2"]) == 0
+    assert load_checkpoint(tmp_path / "run" / CHECKPOINT)["step"] == 12
+    def files():  # the lock file records its holder, not the run
+        return {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.name != ".localssl.lock"}
+
+    before = files()
+    assert CHECKPOINT in before and "metrics.jsonl" in before
+    capsys.readouterr()
+    assert main(["train", "--resume", "--out", out]) == 2
+    err = capsys.readouterr().err
+    assert "nothing to train" in err and "is at step 12" in err and "--epochs 2 (6 steps each)" in err
+    assert files() == before  # nothing rewritten

@@ -20,6 +20,8 @@ share of a small local step on a CPU (``localssl bench``).
 from __future__ import annotations
 
 import json
+import signal
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import replace
@@ -45,6 +47,7 @@ from localssl.data import dataset_spec, load_dataset
 from localssl.data.augment import SimCLRViews
 from localssl.engine.checkpoint import CHECKPOINT, ENCODER, load_checkpoint, rng_state, save_atomic, set_rng_state
 from localssl.engine.metrics import MetricLog
+from localssl.engine.rundir import prepare_run_folder
 from localssl.engine.runtime import (
     autocast,
     environment_info,
@@ -60,6 +63,23 @@ from localssl.rules import Rule, build_rule
 
 class NonFiniteLossError(RuntimeError):
     """A loss became NaN/inf; the run stops and keeps its last good checkpoint."""
+
+
+class NonFiniteWeightsError(NonFiniteLossError):
+    """The weights became NaN/inf (an update overflowed, the losses were finite); they are not checkpointed."""
+
+
+class TrainingInterrupted(RuntimeError):
+    """SIGTERM or SIGINT stopped the run after a finished step, with a checkpoint of that step.
+
+    ``returncode`` is the shell's code for death by that signal (128 + signal
+    number), so a scheduler still sees that the run did not finish.
+    """
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.signum = signum
+        self.returncode = 128 + signum
 
 
 # Options that may change when a run is resumed; anything else must match.
@@ -282,10 +302,30 @@ class _Batches:
         return torch.from_numpy(self.memmap[idx_sorted]).to(self.device)
 
 
+def _nonfinite_parameters(*modules: nn.Module) -> list[str]:
+    """Names of the parameters and buffers holding a NaN or inf (one device sync per tensor)."""
+    return [name for m in modules for name, t in (*m.named_parameters(), *m.named_buffers())
+            if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+
+
 def train(cfg: TrainConfig, resume: bool = False) -> Path:
-    """Pre-train an encoder with ``cfg.rule``; returns the run folder."""
+    """Pre-train an encoder with ``cfg.rule``; returns the run folder.
+
+    The run holds an exclusive lock on ``cfg.out`` from before it writes
+    anything until it returns (`localssl.engine.rundir`); a new run needs an
+    empty or new folder. ``cfg.max_steps``, when set, is the run's length in
+    steps and ``cfg.epochs`` is then unused. SIGTERM and SIGINT stop the run
+    after the step in progress, with a checkpoint of it (`TrainingInterrupted`).
+    """
     validate_train(cfg)
-    out = Path(cfg.out)
+    lock = prepare_run_folder(cfg.out, resume)
+    try:
+        return _train(cfg, resume, Path(cfg.out))
+    finally:
+        lock.release()
+
+
+def _train(cfg: TrainConfig, resume: bool, out: Path) -> Path:
     ckpt_path = out / CHECKPOINT
     state = None
     if resume:
@@ -304,9 +344,6 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
                 "cannot resume with a different config: "
                 + "; ".join(f"{k}: run has {a!r}, asked {b!r}" for k, (a, b) in diff.items())
             )
-    elif ckpt_path.exists():
-        raise ConfigError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -322,7 +359,6 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     # these images; probe and align read them back from config.yaml / the checkpoint.
     grids = check_shapes(cfg, spec.image_size, spec.channels)
     cfg = replace_config(cfg, grids=grids, mean=list(spec.mean), std=list(spec.std))
-    save_yaml(cfg, out / "config.yaml")
     encoder = build_encoder(cfg.encoder, cfg.width, spec.channels)
     shapes = encoder.feature_shapes((spec.channels, spec.image_size, spec.image_size))
     rule = build_rule(cfg.rule, shapes, rule_options(cfg))
@@ -338,9 +374,17 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     batches = _Batches(data.images, cfg.batch_size, cfg.seed, device)
     if batches.steps_per_epoch == 0:
         raise ConfigError(f"{len(data)} images make no batch of {cfg.batch_size}")
-    total = cfg.epochs * batches.steps_per_epoch
-    if cfg.max_steps is not None:
-        total = min(total, cfg.max_steps)
+    # --max-steps overrides --epochs (it may end mid-epoch, or run past epochs * steps per epoch).
+    total = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * batches.steps_per_epoch
+    if state is not None and int(state["step"]) >= total:
+        # Refused before anything in the folder is rewritten: the command asked for training and would do none.
+        length = (f"--max-steps {cfg.max_steps}" if cfg.max_steps is not None
+                  else f"--epochs {cfg.epochs} ({batches.steps_per_epoch} steps each)")
+        raise ConfigError(
+            f"nothing to train: {ckpt_path} is at step {int(state['step'])} and {length} ends the run at step "
+            f"{total}; pass a larger --epochs or --max-steps (--epochs alone drops the run's --max-steps)"
+        )
+    save_yaml(cfg, out / "config.yaml")
 
     step = 0
     if state is not None:
@@ -353,6 +397,16 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     env = environment_info(device)
 
     def checkpoint() -> None:
+        # Losses can be finite while the update overflowed (a huge lr): check the weights themselves
+        # before they replace the last good checkpoint. Only here and at the end, as it costs a sync per tensor.
+        bad = _nonfinite_parameters(encoder, rule)
+        if bad:
+            raise NonFiniteWeightsError(
+                f"after step {step} the weights are not finite ({', '.join(bad[:3])}"
+                f"{f' and {len(bad) - 3} more' if len(bad) > 3 else ''}) although the losses were: an update "
+                f"overflowed; stopped without saving them. The last good checkpoint is kept at "
+                f"{ckpt_path if ckpt_path.exists() else '(none written yet)'}; lower --lr or change --amp."
+            )
         save_atomic(
             {
                 "encoder": encoder.state_dict(),
@@ -371,8 +425,22 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     bar = tqdm(total=total, initial=step, disable=not cfg.progress, desc=f"{cfg.rule}", dynamic_ncols=True)
     window_t, window_imgs, last_loss = time.perf_counter(), 0, float("nan")
     t_start, imgs_total = time.perf_counter(), 0
+    stop: list[int] = []  # the signal that asked to stop, if any
+
+    def on_signal(signum: int, frame: object) -> None:
+        if stop and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now, without the checkpoint
+        stop.append(signum)
+
+    # A cluster pre-empts with SIGTERM, a user with Ctrl-C: both finish the step and checkpoint it.
+    # Handlers can only be set from the main thread (elsewhere the defaults stay), and a signal the
+    # process was started to ignore (`nohup`, `cmd &` for SIGINT) stays ignored.
+    handlers = {}
+    if threading.current_thread() is threading.main_thread():
+        handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)
+                    if signal.getsignal(s) is not signal.SIG_IGN}
     try:
-        while step < total:
+        while step < total and not stop:
             epoch, i = divmod(step, batches.steps_per_epoch)
             x = batches.batch(epoch, i)
             views = augment(x)
@@ -402,7 +470,14 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
                 checkpoint()
     finally:
         bar.close()
+        for s, h in handlers.items():
+            signal.signal(s, h)
     checkpoint()
+    if stop and step < total:  # a signal during the last step: the run is complete, finish it normally
+        name = signal.Signals(stop[0]).name
+        raise TrainingInterrupted(
+            f"{name} received: stopped after step {step} of {total}; checkpoint written to {ckpt_path}. "
+            f"Continue with: localssl train --resume --out {out}", stop[0])
     save_atomic(encoder.state_dict(), out / ENCODER)
     seconds = time.perf_counter() - t_start
     summary = {"steps": step, "images_seen_this_session": imgs_total, "seconds_this_session": seconds,
@@ -412,4 +487,5 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     return out
 
 
-__all__ = ["train", "train_step", "build_optimizer", "NonFiniteLossError"]
+__all__ = ["train", "train_step", "build_optimizer", "NonFiniteLossError", "NonFiniteWeightsError",
+           "TrainingInterrupted"]

@@ -52,6 +52,13 @@ def probe_run(cfg: ProbeConfig) -> tuple[dict[str, Any], Path]:
         if not (run / CHECKPOINT).exists() and cfg.checkpoint is None:
             raise ConfigError(f"{run} has no {CHECKPOINT}: train first, or pass --random-init")
         encoder, tcfg = load_encoder_from_run(run, cfg.checkpoint)
+        # Non-finite weights give constant features and a chance-level probe that looks like a result.
+        bad = [k for k, v in encoder.state_dict().items() if v.is_floating_point() and not bool(v.isfinite().all())]
+        if bad:
+            raise ConfigError(
+                f"{cfg.checkpoint or run / CHECKPOINT} holds non-finite weights ({', '.join(bad[:3])}"
+                f"{f' and {len(bad) - 3} more' if len(bad) > 3 else ''}): the run diverged; nothing to probe"
+            )
     dataset = cfg.dataset or tcfg.dataset
     data_dir = cfg.data_dir or tcfg.data_dir
     resize = cfg.resize if cfg.resize is not None else tcfg.resize
