@@ -1,4 +1,4 @@
-"""The demo end to end (tiny), and README tables generated from result files."""
+"""README tables generated from result files (the demo: tests/test_demo.py)."""
 from __future__ import annotations
 
 import json
@@ -6,19 +6,7 @@ import json
 import yaml
 
 from localssl.config import TrainConfig, to_dict
-from localssl.reports.demo import run_demo
 from localssl.reports.tables import collect, describe, markdown_table
-
-
-def test_demo_runs_end_to_end_and_writes_table_and_plot(tmp_path, capsys):
-    out = run_demo(tmp_path / "demo", epochs=1, width=1 / 16, subset=64, progress=False)
-    printed = capsys.readouterr().out
-    assert {"clapp++", "bp-infonce", "random-init"} == set(out["accuracy"])
-    for name in out["accuracy"]:
-        assert name in printed
-        assert all(0 <= v <= 100 for v in out["accuracy"][name].values())
-    assert (tmp_path / "demo" / "demo.png").stat().st_size > 1000
-    assert json.loads((tmp_path / "demo" / "results.json").read_text())["accuracy_percent"] == out["accuracy"]
 
 
 def _run(root, name: str, probe: dict, extra: dict | None = None, extra_random: dict | None = None):
