@@ -184,10 +184,10 @@ def load_yaml(cls: type, path: str | Path) -> Any:
 
 def save_yaml(cfg: Any, path: str | Path) -> None:
     """Write ``cfg`` as YAML atomically (temp file + rename)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    tmp.replace(path)
+    from localssl.atomic import atomic_file
+
+    with atomic_file(path, "w") as fh:
+        fh.write(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 def replace(cfg: Any, **overrides: Any) -> Any:

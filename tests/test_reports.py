@@ -1,6 +1,7 @@
 """README tables generated from result files (the demo: tests/test_demo.py)."""
 from __future__ import annotations
 
+import hashlib
 import json
 
 import yaml
@@ -10,16 +11,22 @@ from localssl.reports.tables import collect, describe, markdown_table
 
 
 def _run(root, name: str, probe: dict, extra: dict | None = None, extra_random: dict | None = None):
+    """A run folder with probe results that match its checkpoint (tests/test_results.py: when they do not)."""
     run = root / "runs" / name
     run.mkdir(parents=True)
-    (run / "config.yaml").write_text(yaml.safe_dump(to_dict(TrainConfig(rule="clapp++", subset=1000))))
+    cfg = TrainConfig(rule="clapp++", subset=1000)
+    (run / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg)))
     (run / "summary.json").write_text(json.dumps({"steps": 31, "images_per_s": 12.0}))
-    (run / "probe.json").write_text(json.dumps(probe))
+    (run / "checkpoint.pt").write_bytes(b"weights")
+    measured = {"checkpoint": {"file": "checkpoint.pt", "step": 31, "sha256": hashlib.sha256(b"weights").hexdigest()},
+                "rule": "clapp++", "random_init": False}
+    random = {"checkpoint": None, "random_init": True, "encoder": cfg.encoder, "width": cfg.width}
+    (run / "probe.json").write_text(json.dumps(probe | measured))
     if extra is not None:
-        (run / "probe-paper.json").write_text(json.dumps(extra))
-    (run / "probe-random-init.json").write_text(json.dumps(probe | {"fast_all": {"test_acc": 0.4}}))
+        (run / "probe-paper.json").write_text(json.dumps(extra | measured))
+    (run / "probe-random-init.json").write_text(json.dumps(probe | {"fast_all": {"test_acc": 0.4}} | random))
     if extra_random is not None:
-        (run / "probe-random-init-paper.json").write_text(json.dumps(extra_random))
+        (run / "probe-random-init-paper.json").write_text(json.dumps(extra_random | random))
     return run
 
 

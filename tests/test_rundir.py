@@ -9,9 +9,13 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from localssl.atomic import temp_path
 from localssl.config import ConfigError, TrainConfig, load_yaml, replace
+from localssl.data.base import ArraySource, Plan
+from localssl.data.cache import write_entry
 from localssl.engine import trainer as trainer_mod
 from localssl.engine.checkpoint import CHECKPOINT, load_checkpoint
 from localssl.engine.rundir import LOCK, RunFolderLock
@@ -164,3 +168,57 @@ def test_signal_finishes_the_step_checkpoints_it_and_resume_continues(tmp_path, 
     assert load_checkpoint(run / CHECKPOINT)["step"] == step + 2
     logged = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
     assert logged == list(range(1, step + 3))
+
+
+# A writer that is killed with kill -9 inside an atomic write: it can clean up nothing.
+_KILLED_WRITER = ("import sys, time; from localssl.atomic import atomic_file\n"
+                  "with atomic_file(sys.argv[1]) as fh:\n"
+                  "    fh.write(b'x' * 1000); fh.flush(); print('writing', flush=True); time.sleep(120)\n")
+_KILLED_DECODE = ("import sys, time, numpy as np\n"
+                  "from pathlib import Path\n"
+                  "from localssl.data.base import Plan, Source\n"
+                  "from localssl.data.cache import write_entry\n"
+                  "class Slow(Source):\n"
+                  "    labels = np.zeros(4, dtype=np.int64); classes = ['a']\n"
+                  "    def decode(self, indices, alloc):\n"
+                  "        alloc((4, 8, 8, 3)); print('decoding', flush=True); time.sleep(120)\n"
+                  "write_entry(Path(sys.argv[1]), 'train-x', dataset='t', split='train', plan=Plan([], 't', Slow),\n"
+                  "            indices=None, source_obj=Slow())\n")
+
+
+def _kill_midway(code: str, arg: Path, ready: str) -> None:
+    proc = subprocess.Popen([sys.executable, "-c", code, str(arg)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=_env())
+    try:
+        assert proc.stdout.readline().strip() == ready, proc.stderr.read()
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_the_next_run_removes_the_temp_files_of_killed_writers_and_only_those(tmp_path):
+    run = tmp_path / "run"
+    train(tiny_cfg(run, max_steps=1))
+    _kill_midway(_KILLED_WRITER, run / CHECKPOINT, "writing")
+    orphans = [p.name for p in run.iterdir() if ".tmp-" in p.name]
+    assert len(orphans) == 1 and orphans[0].startswith(".checkpoint.pt.tmp-")
+    # A live writer's temp file (this process) and another host's must survive.
+    live = temp_path(run / "probe.json")
+    other_host = run / ".probe.json.tmp-1@some-other-host"
+    live.write_text("{}")
+    other_host.write_text("{}")
+    train(replace(load_yaml(TrainConfig, run / "config.yaml"), max_steps=2, threads=None), resume=True)
+    left = sorted(p.name for p in run.iterdir() if ".tmp-" in p.name)
+    assert left == sorted([live.name, other_host.name])
+
+
+def test_the_next_decode_removes_the_temp_files_of_a_killed_decode(tmp_path):
+    cache = tmp_path / "cache"
+    _kill_midway(_KILLED_DECODE, cache, "decoding")
+    orphans = [p.name for p in cache.iterdir()]
+    assert len(orphans) == 1 and orphans[0].startswith(".train-x.tmp-") and orphans[0].endswith(".images.npy")
+    src = ArraySource(np.zeros((4, 8, 8, 3), np.uint8), np.zeros(4), ["a"])
+    write_entry(cache, "train-y", dataset="t", split="train", plan=Plan([], "t", lambda: src), indices=None,
+                source_obj=src)
+    assert not any(".tmp-" in p.name for p in cache.iterdir())
+    assert sorted(p.name for p in cache.iterdir()) == ["train-y.images.npy", "train-y.json", "train-y.labels.npy"]

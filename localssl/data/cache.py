@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from localssl.atomic import remove_orphans, temp_marker
 from localssl.data.base import DatasetError, ImageArray, PathLike, Plan, channel_stats, select_balanced
 
 log = logging.getLogger(__name__)
@@ -131,6 +132,9 @@ def write_entry(
 ) -> ImageArray:
     """Decode ``indices`` of ``source_obj`` (a `Source`) into a new cache entry; return it memmapped."""
     directory.mkdir(parents=True, exist_ok=True)
+    # A decode killed with kill -9 leaves its temp files (the images alone can be GBs).
+    for orphan in remove_orphans(directory):
+        log.info("removed %s, left by a decode that was killed", orphan)
     img_path, lab_path, meta_path = _paths(directory, stem)
     labels_all = np.asarray(source_obj.labels, dtype=np.int64)
     if indices is None:
@@ -140,7 +144,8 @@ def write_entry(
     temps: list[Path] = []
 
     def temp(suffix: str) -> Path:
-        fd, name = tempfile.mkstemp(prefix=f".{stem}.", suffix=suffix, dir=directory)
+        # The writer's PID and host in the name: how `remove_orphans` tells a killed decode's files.
+        fd, name = tempfile.mkstemp(prefix=f".{stem}.{temp_marker()}.", suffix=suffix, dir=directory)
         # mkstemp makes 0600 files; a cache is worth sharing with other users of the machine.
         os.close(fd)
         os.chmod(name, 0o644)

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 from typing import IO
 
+from localssl.atomic import remove_orphans
 from localssl.config import ConfigError
 
 LOCK = ".localssl.lock"
@@ -98,6 +99,9 @@ def prepare_run_folder(out: str | Path, resume: bool) -> RunFolderLock:
         out.mkdir(parents=True, exist_ok=True)
     lock = RunFolderLock(out).acquire()
     try:
+        # Temp files of writers killed mid-write (a checkpoint can be 100s of MB); the
+        # lock means no live run writes here, but a probe may: only dead writers' go.
+        remove_orphans(out)
         if not resume:
             _check_new_run_folder(out)
     except BaseException:

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from localssl.atomic import atomic_file
 from localssl.config import (
     ConfigError,
     TrainConfig,
@@ -483,7 +484,8 @@ def _train(cfg: TrainConfig, resume: bool, out: Path) -> Path:
     summary = {"steps": step, "images_seen_this_session": imgs_total, "seconds_this_session": seconds,
                "images_per_s": imgs_total / max(seconds, 1e-9), "final_loss": last_loss,
                "amp": str(amp_dtype), "device": str(device), "env": env}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    with atomic_file(out / "summary.json", "w") as fh:
+        fh.write(json.dumps(summary, indent=2))
     return out
 
 

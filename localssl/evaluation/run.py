@@ -9,10 +9,12 @@ grids were recorded gets the defaults fitted to the input size
 """
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Any
 
+from localssl.atomic import atomic_file
 from localssl.config import (
     ConfigError,
     ProbeConfig,
@@ -24,7 +26,7 @@ from localssl.config import (
     validate_probe,
 )
 from localssl.data import dataset_spec, load_dataset
-from localssl.engine.checkpoint import CHECKPOINT, load_encoder_from_run
+from localssl.engine.checkpoint import CHECKPOINT, read_encoder_from_run
 from localssl.engine.runtime import environment_info, resolve_amp, resolve_device
 from localssl.evaluation.probe import random_init_like, run_probe
 from localssl.models import build_encoder
@@ -35,11 +37,37 @@ def probe_result_name(cfg: ProbeConfig) -> str:
 
 
 def probe_run(cfg: ProbeConfig) -> tuple[dict[str, Any], Path]:
-    """Probe the encoder of ``cfg.run`` (or a random-init one of the same shape)."""
+    """Probe the encoder of ``cfg.run`` (or a random-init one of the same shape).
+
+    The result records what it measured (the checkpoint's step and SHA-256;
+    for random-init, the encoder's shape), so `localssl report` can drop it
+    once the run has moved on. It is written atomically, to a file opened
+    before anything is computed: a folder that cannot take it fails at once
+    instead of after an hour of probing.
+    """
     validate_probe(cfg)
     if cfg.run is None:
         raise ConfigError("probe needs a run folder")
     run = Path(cfg.run)
+    if not run.is_dir():
+        raise ConfigError(f"{run} is not a folder: probe takes the folder of a run written by `localssl train`")
+    path = Path(cfg.out) if cfg.out else run / probe_result_name(cfg)
+    writer = atomic_file(path, "w")
+    try:
+        fh = writer.__enter__()  # opened now: fail before computing, not after
+    except OSError as e:
+        raise ConfigError(
+            f"cannot write the probe result {path} ({e.strerror}): nothing was computed; pass --out to write it "
+            "elsewhere"
+        ) from None
+    with contextlib.ExitStack() as stack:
+        stack.push(writer)
+        result = _probe(cfg, run)
+        fh.write(json.dumps(result, indent=2))
+    return result, path
+
+
+def _probe(cfg: ProbeConfig, run: Path) -> dict[str, Any]:
     device = resolve_device(cfg.device)
     if cfg.random_init:
         # Only the run's config is needed: the same encoder shape, untrained.
@@ -47,11 +75,11 @@ def probe_run(cfg: ProbeConfig) -> tuple[dict[str, Any], Path]:
         if not cfg_path.exists():
             raise ConfigError(f"{run} has no config.yaml: is it a run folder written by `localssl train`?")
         tcfg = load_yaml(TrainConfig, cfg_path)
-        encoder = None
+        encoder, record = None, None
     else:
         if not (run / CHECKPOINT).exists() and cfg.checkpoint is None:
             raise ConfigError(f"{run} has no {CHECKPOINT}: train first, or pass --random-init")
-        encoder, tcfg = load_encoder_from_run(run, cfg.checkpoint)
+        encoder, tcfg, record = read_encoder_from_run(run, cfg.checkpoint)
         # Non-finite weights give constant features and a chance-level probe that looks like a result.
         bad = [k for k, v in encoder.state_dict().items() if v.is_floating_point() and not bool(v.isfinite().all())]
         if bad:
@@ -102,12 +130,10 @@ def probe_run(cfg: ProbeConfig) -> tuple[dict[str, Any], Path]:
     result = dict(result)
     result.update({"run": str(run), "rule": tcfg.rule, "random_init": cfg.random_init, "dataset": dataset,
                    "image_size": size, "mean": list(mean), "std": list(std),
+                   # What was measured: a random-init result holds while the encoder's shape does.
+                   "checkpoint": record, "encoder": tcfg.encoder, "width": tcfg.width,
                    "probe_config": to_dict(cfg), "env": environment_info(device)})
-    path = Path(cfg.out) if cfg.out else run / probe_result_name(cfg)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    tmp.replace(path)
-    return result, path
+    return result
 
 
 __all__ = ["probe_run", "probe_result_name"]

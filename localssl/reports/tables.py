@@ -4,15 +4,25 @@
 ``config.yaml``, ``summary.json``, ``probe.json`` and
 ``probe-random-init.json``) and prints one Markdown table, so the numbers in
 the README are never typed by hand.
+
+A probe result is shown only while it still describes its run: it records
+the checkpoint it measured (step and SHA-256), and a run resumed or retrained
+since has another checkpoint, so the result is dropped with a note saying
+why (rerun `localssl probe`). A result written before probes recorded their
+checkpoint is shown, marked as unverified. Unreadable files are skipped with
+a note naming them; they never stop the table.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from localssl.engine.checkpoint import CHECKPOINT, checkpoint_sha256
 
 # (result key, accuracy field, header). The paper probe records the test
 # accuracy after its last epoch and the best over its epochs (METHODS 2.5:
@@ -27,6 +37,9 @@ COLUMNS = [
 # Shown only when some row has it: BatchNorm + pad-4 crop, ours, not the paper's.
 PAPER_BN_COLUMN = ("paper-bn", "test_acc", "linear, paper-bn (ours)")
 AUGMENTED = ("paper", "paper-bn")
+# What the table reads from a run's config.yaml.
+CONFIG_KEYS = ("rule", "dataset", "encoder", "width", "batch_size", "lr", "seed")
+UNVERIFIED = " †"
 
 
 def _acc(probe: dict[str, Any], key: str, field: str = "test_acc") -> str:
@@ -52,26 +65,94 @@ def _upgrade(probe: dict[str, Any]) -> dict[str, Any]:
     return probe
 
 
-def collect(runs_dir: str | Path) -> list[dict[str, Any]]:
+def _read(path: Path, notes: list[str], kind: str = "json") -> Any:
+    """The parsed file, or None with a note naming it and what is wrong."""
+    try:
+        text = path.read_text()
+        data = json.loads(text) if kind == "json" else yaml.safe_load(text)
+    except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as e:
+        notes.append(f"skipped {path}: cannot be read ({type(e).__name__}: {str(e).splitlines()[0]})")
+        return None
+    if not isinstance(data, dict):
+        notes.append(f"skipped {path}: expected a mapping, found {type(data).__name__}")
+        return None
+    return data
+
+
+def _stale(probe: dict[str, Any], cfg: dict[str, Any], current: str | None) -> str | None:
+    """Why the result in ``path`` no longer describes its run (None: it does, or it cannot tell)."""
+    if probe.get("random_init"):
+        for key in ("encoder", "width"):
+            if key in probe and probe[key] != cfg.get(key):
+                return f"measured a random-init {key} {probe[key]!r}, the run's is now {cfg.get(key)!r}"
+        return None
+    if "rule" in probe and probe["rule"] != cfg["rule"]:
+        return f"measured rule {probe['rule']!r}, the run now holds {cfg['rule']!r}"
+    record = probe.get("checkpoint")
+    if not isinstance(record, dict):
+        return None
+    if current is None:
+        return f"measured the checkpoint of step {record.get('step')}, and the run has no {CHECKPOINT} now"
+    if record.get("sha256") != current:
+        return (f"measured the checkpoint of step {record.get('step')} ({str(record.get('sha256'))[:12]}), the "
+                f"run's {CHECKPOINT} is now another one ({current[:12]}): resumed or retrained since")
+    return None
+
+
+def _read_probe(path: Path, run: Path, cfg: dict[str, Any], current: str | None,
+                notes: list[str]) -> dict[str, Any] | None:
+    """A probe result of ``run`` that still describes it, or None (with a note unless the file is absent)."""
+    if not path.exists():
+        return None
+    probe = _read(path, notes)
+    if probe is None:
+        return None
+    why = _stale(probe, cfg, current)
+    if why:
+        notes.append(f"dropped {path}: {why}; rerun `localssl probe {run}`")
+        return None
+    return _upgrade(probe)
+
+
+def _verified(probe: dict[str, Any]) -> bool:
+    """Whether the result records what it measured (results of older versions do not)."""
+    return ("encoder" in probe) if probe.get("random_init") else isinstance(probe.get("checkpoint"), dict)
+
+
+def collect(runs_dir: str | Path, notes: list[str] | None = None) -> list[dict[str, Any]]:
+    """Rows of the table, one per probed run (and its random-init); ``notes`` gets what was left out and why."""
+    notes = [] if notes is None else notes
     rows = []
     for cfg_path in sorted(Path(runs_dir).glob("*/config.yaml")):
         run = cfg_path.parent
-        cfg = yaml.safe_load(cfg_path.read_text())
-        summary = json.loads((run / "summary.json").read_text()) if (run / "summary.json").exists() else {}
+        cfg = _read(cfg_path, notes, kind="yaml")
+        if cfg is None:
+            continue
+        missing = [k for k in CONFIG_KEYS if k not in cfg]
+        if missing:
+            notes.append(f"skipped {cfg_path}: no {', '.join(repr(k) for k in missing)} entry")
+            continue
+        summary = (_read(run / "summary.json", notes) or {}) if (run / "summary.json").exists() else {}
+        current = checkpoint_sha256(run / CHECKPOINT) if (run / CHECKPOINT).is_file() else None
+
         for stem, label in (("probe", cfg["rule"]), ("probe-random-init", "random-init")):
-            if (run / f"{stem}.json").exists():
-                probe = _upgrade(json.loads((run / f"{stem}.json").read_text()))
-                # The augmented probes run separately (e.g. on a train subset,
-                # `--protocols paper paper-bn --out .../probe-paper.json`) join the row.
-                for extra_path in (run / f"{stem}-paper.json", run / f"{stem}-paper-bn.json"):
-                    if extra_path.exists():
-                        extra = _upgrade(json.loads(extra_path.read_text()))
-                        for key in AUGMENTED:
-                            if key in extra:
-                                probe[key] = extra[key]
-                                probe[f"{key}_num_train"] = extra.get("num_train")
-                rows.append({"label": label, "run": run, "cfg": cfg, "summary": summary if stem == "probe"
-                             else {}, "probe": probe})
+            probe = _read_probe(run / f"{stem}.json", run, cfg, current, notes)
+            if probe is None:
+                continue
+            verified = _verified(probe)
+            # The augmented probes run separately (e.g. on a train subset,
+            # `--protocols paper paper-bn --out .../probe-paper.json`) join the row.
+            for extra_path in (run / f"{stem}-paper.json", run / f"{stem}-paper-bn.json"):
+                extra = _read_probe(extra_path, run, cfg, current, notes)
+                if extra is None:
+                    continue
+                verified = verified and _verified(extra)
+                for key in AUGMENTED:
+                    if key in extra:
+                        probe[key] = extra[key]
+                        probe[f"{key}_num_train"] = extra.get("num_train")
+            rows.append({"label": label + ("" if verified else UNVERIFIED), "run": run, "cfg": cfg,
+                         "summary": summary if stem == "probe" else {}, "probe": probe, "verified": verified})
     return rows
 
 
@@ -86,7 +167,7 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cfg, s, p = r["cfg"], r["summary"], r["probe"]
-        if r["label"] == "random-init":
+        if r["probe"].get("random_init") or r["label"].startswith("random-init"):
             budget = "none"
         else:
             n = cfg.get("subset") or "all"
@@ -127,7 +208,11 @@ def describe(rows: list[dict[str, Any]]) -> str:
             f" paper-bn (ours, not the paper's: BatchNorm1d in front of the linear layer, pad-4 crop + flip): "
             f"{_epochs(rows, 'paper-bn')}."
         )
-    return text + f" Hardware: {env.get('cpu')}, {env.get('torch_threads')} threads, torch {env.get('torch')}."
+    text += f" Hardware: {env.get('cpu')}, {env.get('torch_threads')} threads, torch {env.get('torch')}."
+    if not all(r["verified"] for r in rows):
+        text += (f"{UNVERIFIED.strip()} A result written before probes recorded their checkpoint: it cannot be "
+                 "checked against the run's current one.")
+    return text
 
 
 def add_report_parser(sub: argparse._SubParsersAction) -> None:
@@ -137,7 +222,10 @@ def add_report_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def report_main(args: argparse.Namespace) -> int:
-    rows = collect(args.runs_dir)
+    notes: list[str] = []
+    rows = collect(args.runs_dir, notes)
+    for note in notes:
+        print(f"report: {note}", file=sys.stderr)
     if not rows:
         raise FileNotFoundError(f"no probed runs under {args.runs_dir} (run `localssl probe` first)")
     print(markdown_table(rows))
