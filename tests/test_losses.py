@@ -23,6 +23,7 @@ from localssl.rules import (
     spatial_pool,
     swap_views,
 )
+from localssl.rules.losses import barlow_twins, vicreg
 
 
 def _gen(seed: int = 0) -> torch.Generator:
@@ -323,3 +324,97 @@ def test_info_nce_is_scale_invariant_and_asymmetric_targets():
     q = torch.eye(4, 8) * 5
     assert info_nce(q, q, 0.05).item() < 1e-6
     assert info_nce(q, q[[1, 2, 3, 0]], 0.05).item() > 10
+
+
+# ------------------------------------------------- Barlow Twins and VICReg (METHODS 5.1)
+
+def _rows(seed: int, n: int, d: int) -> torch.Tensor:
+    return torch.randn(n, d, generator=_gen(seed), dtype=torch.float64)
+
+
+def _mean_var_loop(z: list[list[float]], j: int, unbiased: bool) -> tuple[float, float]:
+    col = [row[j] for row in z]
+    m = sum(col) / len(col)
+    return m, sum((v - m) ** 2 for v in col) / (len(col) - (1 if unbiased else 0))
+
+
+def test_barlow_twins_by_hand_on_a_3x2_example():
+    # Two rows of features, three images: standardise each column, C = A^T B / 3.
+    z1 = [[1.0, 2.0], [2.0, 0.0], [4.0, 1.0]]
+    z2 = [[0.0, 1.0], [3.0, 3.0], [3.0, 2.0]]
+    eps = 1e-5
+
+    def standardised(z):
+        cols = [_mean_var_loop(z, j, unbiased=False) for j in range(2)]
+        return [[(row[j] - cols[j][0]) / math.sqrt(cols[j][1] + eps) for j in range(2)] for row in z]
+
+    a, b = standardised(z1), standardised(z2)
+    c = [[sum(a[n][i] * b[n][j] for n in range(3)) / 3 for j in range(2)] for i in range(2)]
+    lambd = 0.0051
+    expected = (1 - c[0][0]) ** 2 + (1 - c[1][1]) ** 2 + lambd * (c[0][1] ** 2 + c[1][0] ** 2)
+    got = barlow_twins(torch.tensor(z1, dtype=torch.float64), torch.tensor(z2, dtype=torch.float64))
+    assert got.item() == pytest.approx(expected, rel=1e-12)
+
+
+def test_barlow_twins_equals_the_reference_expression_with_batchnorm():
+    # facebookresearch/barlowtwins: c = bn(z1).T @ bn(z2) / N with BatchNorm1d(affine=False) in training mode.
+    z1, z2 = _rows(1, 16, 8), _rows(2, 16, 8)
+    bn = torch.nn.BatchNorm1d(8, affine=False).double().train()
+    c = bn(z1).T @ bn(z2) / 16
+    off = c - torch.diag(torch.diagonal(c))
+    reference = (torch.diagonal(c) - 1).pow(2).sum() + 0.0051 * off.pow(2).sum()
+    a, b = z1.clone().requires_grad_(), z2.clone().requires_grad_()
+    ours = barlow_twins(a, b)
+    torch.testing.assert_close(ours, reference, rtol=1e-12, atol=0)
+    ra, rb = z1.clone().requires_grad_(), z2.clone().requires_grad_()
+    c = bn(ra).T @ bn(rb) / 16
+    ((torch.diagonal(c) - 1).pow(2).sum() + 0.0051 * (c - torch.diag(torch.diagonal(c))).pow(2).sum()).backward()
+    ours.backward()
+    torch.testing.assert_close(a.grad, ra.grad, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(b.grad, rb.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_barlow_twins_is_zero_only_for_perfectly_correlated_decorrelated_views():
+    z = _rows(3, 64, 4)
+    z = 8 * torch.linalg.qr(z - z.mean(0))[0]  # zero-mean orthogonal columns of variance 1: C = I up to eps
+    assert barlow_twins(z, z).item() < 1e-6
+    assert barlow_twins(z, -z).item() > 3.9  # anti-correlated: each (1 - (-1))^2 = 4
+    with pytest.raises(ValueError, match=">= 2 rows"):
+        barlow_twins(z[:1], z[:1])
+
+
+def test_vicreg_by_hand_on_a_3x2_example():
+    z1 = [[1.0, 2.0], [2.0, 0.0], [4.0, 1.0]]
+    z2 = [[0.0, 1.0], [3.0, 3.0], [3.0, 2.0]]
+    n, d = 3, 2
+    inv = sum((z1[i][j] - z2[i][j]) ** 2 for i in range(n) for j in range(d)) / (n * d)
+
+    def var_cov(z):
+        stats = [_mean_var_loop(z, j, unbiased=True) for j in range(d)]
+        v = sum(max(0.0, 1 - math.sqrt(s[1] + 1e-4)) for s in stats) / d
+        cov01 = sum((z[i][0] - stats[0][0]) * (z[i][1] - stats[1][0]) for i in range(n)) / (n - 1)
+        return v, 2 * cov01 ** 2 / d  # the two off-diagonal entries are equal
+
+    (va, ca), (vb, cb) = var_cov(z1), var_cov(z2)
+    expected = 25 * inv + 25 * (va / 2 + vb / 2) + 1 * (ca + cb)
+    got = vicreg(torch.tensor(z1, dtype=torch.float64), torch.tensor(z2, dtype=torch.float64))
+    assert got.item() == pytest.approx(expected, rel=1e-12)
+
+
+def test_vicreg_terms_each_respond_to_what_they_measure():
+    z = _rows(4, 256, 8) * 3  # std ~3 > 1: no variance penalty; nearly uncorrelated
+    base = vicreg(z, z, sim=0, var=1, cov=0).item()
+    assert base == 0.0
+    collapsed = vicreg(z * 0.01, z * 0.01, sim=0, var=1, cov=0).item()
+    assert collapsed > 0.9  # std 0.03: relu(1 - 0.03) per dimension
+    assert vicreg(z, z + 1, sim=1, var=0, cov=0).item() == pytest.approx(1.0)  # mean squared difference
+    correlated = torch.cat([z[:, :1]] * 8, dim=1)
+    assert vicreg(correlated, correlated, sim=0, var=0, cov=1).item() > 100 * vicreg(z, z, sim=0, var=0, cov=1).item()
+
+
+def test_barlow_and_vicreg_compute_in_float32_from_bf16():
+    z1, z2 = _rows(5, 32, 8).float(), _rows(6, 32, 8).float()
+    for loss in (barlow_twins, vicreg):
+        out = loss(z1.bfloat16(), z2.bfloat16())
+        assert out.dtype == torch.float32
+        assert out.item() == pytest.approx(loss(z1.bfloat16().float(), z2.bfloat16().float()).item(), rel=1e-6)

@@ -92,13 +92,16 @@ def spatial_pool(h: torch.Tensor, grid: int) -> torch.Tensor:
     return block_mean(h, H // grid, W // grid).flatten(1)  # saves nothing for backward (models/layers.py)
 
 
+def _at_least_float32(*xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    return tuple(x.float() if x.dtype in (torch.float16, torch.bfloat16) else x for x in xs)
+
+
 def _cosine_logits(p1: torch.Tensor, p2: torch.Tensor, temperature: float) -> torch.Tensor:
     """cos(p1_i, p2_j) / T for every pair of rows, in float32 at least.
 
     bf16 logits / T would lose the ranking precision the softmax needs.
     """
-    if p1.dtype in (torch.float16, torch.bfloat16):
-        p1, p2 = p1.float(), p2.float()
+    p1, p2 = _at_least_float32(p1, p2)
     return F.normalize(p1, dim=1) @ F.normalize(p2, dim=1).t() / temperature
 
 
@@ -147,3 +150,52 @@ INFONCE_LOSSES: Registry[Callable[[torch.Tensor, torch.Tensor, float], torch.Ten
 INFONCE_LOSSES.register("infonce")(info_nce)
 INFONCE_LOSSES.register("infonce-symmetric")(info_nce_symmetric)
 INFONCE_LOSSES.register("nt-xent")(nt_xent)
+
+
+def _off_diagonal(m: torch.Tensor) -> torch.Tensor:
+    """The off-diagonal entries of a square matrix, flattened."""
+    n = m.shape[0]
+    return m.masked_select(~torch.eye(n, dtype=torch.bool, device=m.device))
+
+
+def barlow_twins(z1: torch.Tensor, z2: torch.Tensor, lambd: float = 0.0051, eps: float = 1e-5) -> torch.Tensor:
+    """Barlow Twins (Zbontar et al. 2021, eq. 1): sum_i (1 - C_ii)^2 + lambda sum_{i != j} C_ij^2.
+
+    C is the D x D cross-correlation of the two views' embeddings, each
+    standardised over the batch as the reference does it (a BatchNorm1d
+    without affine in training mode: biased variance, eps 1e-5, in
+    facebookresearch/barlowtwins), summed over the N rows and divided by N.
+    lambda 0.0051 is the published value (METHODS 5.1). Float32 at least: the
+    D x D sums lose too much in bf16.
+    """
+    z1, z2 = _at_least_float32(z1, z2)
+    n = z1.shape[0]
+    if n < 2:
+        raise ValueError(f"Barlow Twins standardises over the batch: it needs >= 2 rows, got {n}")
+    a = (z1 - z1.mean(0)) / torch.sqrt(z1.var(0, unbiased=False) + eps)
+    b = (z2 - z2.mean(0)) / torch.sqrt(z2.var(0, unbiased=False) + eps)
+    c = a.t() @ b / n
+    return (torch.diagonal(c) - 1).pow(2).sum() + lambd * _off_diagonal(c).pow(2).sum()
+
+
+def vicreg(z1: torch.Tensor, z2: torch.Tensor, sim: float = 25.0, var: float = 25.0, cov: float = 1.0,
+           eps: float = 1e-4) -> torch.Tensor:
+    """VICReg (Bardes et al. 2022, eq. 6): sim * invariance + var * variance + cov * covariance.
+
+    As the reference computes them (facebookresearch/vicreg): invariance = the
+    mean squared difference of the two embeddings; variance = mean_d
+    relu(1 - sqrt(Var_d + 1e-4)) per view, averaged over the views (unbiased
+    variance); covariance = the squared off-diagonal entries of each view's
+    covariance matrix (divided by N - 1), summed, divided by D, summed over
+    the views. Weights 25 / 25 / 1 are the published ones (METHODS 5.1).
+    """
+    z1, z2 = _at_least_float32(z1, z2)
+    n, d = z1.shape
+    if n < 2:
+        raise ValueError(f"VICReg's variance and covariance need >= 2 rows, got {n}")
+    invariance = F.mse_loss(z1, z2)
+    a, b = z1 - z1.mean(0), z2 - z2.mean(0)
+    std_a, std_b = torch.sqrt(a.var(0) + eps), torch.sqrt(b.var(0) + eps)
+    variance = F.relu(1 - std_a).mean() / 2 + F.relu(1 - std_b).mean() / 2
+    covariance = (_off_diagonal(a.t() @ a / (n - 1)).pow(2).sum() + _off_diagonal(b.t() @ b / (n - 1)).pow(2).sum()) / d
+    return sim * invariance + var * variance + cov * covariance
