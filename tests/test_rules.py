@@ -41,6 +41,7 @@ from localssl.rules import (
     SPATIAL_RULES,
     BPInfoNCE,
     Feedback,
+    Group,
     RuleOptions,
     build_rule,
     contrastive_loss,
@@ -132,8 +133,8 @@ def paper_backward(enc, rule, views) -> list[torch.Tensor]:
         with torch.no_grad():
             top = enc(views)[-1]
     losses, h = [], views
-    for g, blocks in enumerate(rule.groups()):
-        out = enc.run_blocks(h.detach(), blocks)
+    for g, group in enumerate(rule.groups()):
+        out = enc.run_blocks(h.detach(), group.blocks)
         losses.append(rule.loss(g, out, top))
         h = out
     torch.stack(losses).sum().backward()
@@ -166,9 +167,9 @@ def test_groups_partition_blocks(name, case):
     n = len(enc)
     assert rule.num_blocks == n
     if rule.local:
-        assert rule.groups() == [[k] for k in range(n)]
+        assert rule.groups() == [Group((k,)) for k in range(n)]
     else:
-        assert rule.groups() == [list(range(n))]
+        assert rule.groups() == [Group(tuple(range(n)))]
 
 
 @pytest.mark.parametrize("name", RULE_NAMES)
@@ -206,7 +207,7 @@ def test_gradient_routing(name, case, micro_batch, monkeypatch):
     named = named_trainable(enc, rule)
     real_objective = rule.objective
     groups = rule.groups()
-    for k, blocks in enumerate(groups):
+    for k, group in enumerate(groups):
         def only_k(g, z, context=None, k=k):
             return real_objective(g, z, context) * (1.0 if g == k else 0.0)
 
@@ -214,7 +215,7 @@ def test_gradient_routing(name, case, micro_batch, monkeypatch):
         zero_grads(named)
         train_step(enc, rule, None, views, micro_batch=micro_batch)
         got = with_grad(named)
-        want = names_of([p for b in blocks for p in enc.blocks[b].parameters()], named)
+        want = names_of([p for b in group.blocks for p in enc.blocks[b].parameters()], named)
         want |= names_of(rule.group_parameters(k), named)
         assert got <= want, f"loss {k} leaks into {sorted(got - want)}"
         # Every weight matrix and rule parameter of the group is reached. (A bias may
@@ -312,8 +313,8 @@ def test_one_step_at_the_end_equals_a_step_after_every_group(name):
     enc_b, rule_b = copy.deepcopy(enc), copy.deepcopy(rule)
     opt = build_optimizer(enc, rule, lr=1e-2, weight_decay=1e-2)
     per_group = []
-    for g, blocks in enumerate(rule_b.groups()):
-        params = [p for k in blocks for p in enc_b.blocks[k].parameters()] + rule_b.group_parameters(g)
+    for g, group in enumerate(rule_b.groups()):
+        params = [p for k in group.blocks for p in enc_b.blocks[k].parameters()] + rule_b.group_parameters(g)
         per_group.append(torch.optim.AdamW(params, lr=1e-2, weight_decay=1e-2, fused=True))
     assert opt.defaults["fused"]
     for _ in range(3):
@@ -323,9 +324,9 @@ def test_one_step_at_the_end_equals_a_step_after_every_group(name):
             with torch.no_grad():
                 top = enc_b.run_blocks(views, range(len(enc_b)))
         h = views
-        for g, blocks in enumerate(rule_b.groups()):
+        for g, group in enumerate(rule_b.groups()):
             per_group[g].zero_grad(set_to_none=True)
-            out = enc_b.run_blocks(h.detach(), blocks)
+            out = enc_b.run_blocks(h.detach(), group.blocks)
             rule_b.loss(g, out, top).backward()
             per_group[g].step()
             h = out.detach()
@@ -340,7 +341,7 @@ def test_bp_is_one_group_with_nothing_detached(name, case):
     """End-to-end BP through train_step == loss on the plain forward, backprop through every block."""
     enc, rule, views = setup(name, case)
     named = named_trainable(enc, rule)
-    assert rule.groups() == [list(range(len(enc)))]
+    assert rule.groups() == [Group(tuple(range(len(enc))))]
     zero_grads(named)
     train_step(enc, rule, None, views)
     a = {n: p.grad.clone() for n, p in named.items()}

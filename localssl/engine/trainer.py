@@ -23,7 +23,6 @@ import json
 import signal
 import threading
 import time
-from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -50,7 +49,6 @@ from localssl.engine.checkpoint import CHECKPOINT, ENCODER, load_checkpoint, rng
 from localssl.engine.metrics import MetricLog
 from localssl.engine.rundir import prepare_run_folder
 from localssl.engine.runtime import (
-    autocast,
     environment_info,
     resolve_amp,
     resolve_device,
@@ -58,12 +56,9 @@ from localssl.engine.runtime import (
     seed_everything,
     set_deterministic,
 )
+from localssl.engine.step import NonFiniteLossError, batch_coupling_modules, train_step
 from localssl.models import BlockEncoder, build_encoder
 from localssl.rules import Rule, build_rule
-
-
-class NonFiniteLossError(RuntimeError):
-    """A loss became NaN/inf; the run stops and keeps its last good checkpoint."""
 
 
 class NonFiniteWeightsError(NonFiniteLossError):
@@ -104,149 +99,6 @@ def build_optimizer(encoder: BlockEncoder, rule: Rule, lr: float, weight_decay: 
     params = [p for p in encoder.parameters() if p.requires_grad]
     params += [p for g in range(len(rule.groups())) for p in rule.group_parameters(g)]
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=_fused_ok(params))
-
-
-def train_step(
-    encoder: BlockEncoder,
-    rule: Rule,
-    optimizer: torch.optim.Optimizer | None,
-    views: torch.Tensor,
-    device: torch.device | None = None,
-    amp_dtype: torch.dtype | None = None,
-    micro_batch: int | None = None,
-) -> list[torch.Tensor]:
-    """One step on a batch of stacked views; returns every group's (detached) loss.
-
-    With ``optimizer=None`` only the gradients are computed (they are left in
-    ``.grad``), which is what gradient-alignment analysis and tests need.
-    ``micro_batch`` (views per chunk) trades one more forward pass for
-    activation memory: see `_micro_batched_step`; a chunk as large as the
-    batch is the plain step.
-    """
-    if micro_batch is not None and micro_batch < views.shape[0]:
-        return _micro_batched_step(encoder, rule, optimizer, views, device, amp_dtype, micro_batch)
-    ctx = _amp(views, device, amp_dtype)
-    top = None
-    if rule.needs_top_context:
-        # DFB context: the other view's top-layer output, with no gradient.
-        with torch.no_grad(), ctx():
-            top = encoder.run_blocks(views, range(len(encoder)))
-    if optimizer is not None:
-        optimizer.zero_grad(set_to_none=True)
-    losses = []
-    h = views
-    for g, blocks in enumerate(rule.groups()):
-        # The cut between blocks: no gradient crosses it.
-        h_in = h.detach()
-        with ctx():
-            out = encoder.run_blocks(h_in, blocks)
-            loss = rule.loss(g, out, top)
-        loss.backward()
-        # Keep only the values; the graph of this group is freed here.
-        h = out.detach()
-        losses.append(loss.detach())
-        del out, loss
-    # One check (one device sync on a GPU) for all groups, before any update.
-    _check_finite(losses, rule.groups())
-    if optimizer is not None:
-        optimizer.step()
-    return losses
-
-
-def _amp(views: torch.Tensor, device: torch.device | None, amp_dtype: torch.dtype | None):
-    """A factory of the step's autocast context (a fresh one per ``with``)."""
-    dev = device or views.device
-    return lambda: autocast(dev, amp_dtype)
-
-
-def _check_finite(losses: Sequence[torch.Tensor], groups: Sequence[Sequence[int]]) -> None:
-    finite = torch.isfinite(torch.stack(losses))
-    if not finite.all():
-        g = int((~finite).nonzero()[0, 0])
-        raise NonFiniteLossError(
-            f"loss of group {g + 1} (blocks {[b + 1 for b in groups[g]]}) is {losses[g].item()}")
-
-
-def _batch_coupling_modules(encoder: nn.Module) -> list[str]:
-    """Modules whose output row depends on other rows in training mode (batch statistics)."""
-    kinds = (nn.modules.batchnorm._BatchNorm, nn.SyncBatchNorm)
-    return [name for name, m in encoder.named_modules() if isinstance(m, kinds) and m.training]
-
-
-def _micro_batched_step(
-    encoder: BlockEncoder,
-    rule: Rule,
-    optimizer: torch.optim.Optimizer | None,
-    views: torch.Tensor,
-    device: torch.device | None,
-    amp_dtype: torch.dtype | None,
-    micro_batch: int,
-) -> list[torch.Tensor]:
-    """The step of `train_step`, holding the activations of one chunk of views at a time.
-
-    A loss reads the whole batch (negatives and contexts are other rows), but
-    only through each group's small representation z = represent(h) (the
-    pooled map), and every block maps rows independently. So (METHODS 2.2b):
-      1. no graph: every chunk through every block; keep each group's z
-         (and the DFB context), never a full-batch activation;
-      2. each group's loss on the whole batch of z: its backward gives the
-         rule's own gradients (B) and dL/dz;
-      3. every chunk again, block by block with a graph one chunk deep,
-         back-propagating dL/dz[chunk] into the block's weights.
-    The weight gradient is a sum over rows, so this equals the plain step's
-    gradient up to float rounding (tests/test_rules.py checks it for every
-    rule), at the cost of one more forward pass. Peak saved activations drop
-    from one block at the full batch to one block at ``micro_batch`` views.
-    The same holds for an end-to-end rule (its single group is the whole
-    encoder): that is GradCache (Gao et al. 2021) for BP-InfoNCE.
-    """
-    coupled = _batch_coupling_modules(encoder)
-    if coupled:
-        raise ValueError(
-            f"micro-batching needs blocks that map each row on its own; {', '.join(coupled)} use batch "
-            "statistics (BatchNorm): set micro_batch to None or use an encoder without them"
-        )
-    ctx = _amp(views, device, amp_dtype)
-    groups = rule.groups()
-    chunks = views.split(micro_batch)
-    # 1. Representations (and the DFB context) of the whole batch, chunk by chunk.
-    reps: list[list[torch.Tensor]] = [[] for _ in groups]
-    tops: list[torch.Tensor] = []
-    with torch.no_grad(), ctx():
-        for x in chunks:
-            h = x
-            for g, blocks in enumerate(groups):
-                h = encoder.run_blocks(h, blocks)
-                reps[g].append(rule.represent(g, h))
-            if rule.needs_top_context:
-                tops.append(rule.context(h))
-    top = torch.cat(tops) if tops else None
-    # 2. The losses on the whole batch: gradients of the rule's parameters and dL/dz.
-    if optimizer is not None:
-        optimizer.zero_grad(set_to_none=True)
-    losses, dz = [], []
-    for g in range(len(groups)):
-        z = torch.cat(reps[g]).requires_grad_()
-        reps[g] = []
-        with ctx():
-            loss = rule.objective(g, z, top)
-        loss.backward()
-        dz.append(z.grad.split(micro_batch))
-        losses.append(loss.detach())
-    _check_finite(losses, groups)  # before the recomputation that a NaN would waste
-    # 3. Each chunk again, block by block; no gradient crosses a group boundary.
-    for c, x in enumerate(chunks):
-        h = x
-        for g, blocks in enumerate(groups):
-            with ctx():
-                out = encoder.run_blocks(h.detach(), blocks)
-                z = rule.represent(g, out)
-            z.backward(dz[g][c])
-            h = out.detach()
-            del out, z
-    if optimizer is not None:
-        optimizer.step()
-    return losses
 
 
 def _load_images(cfg: TrainConfig):
@@ -364,7 +216,7 @@ def _train(cfg: TrainConfig, resume: bool, out: Path) -> Path:
     shapes = encoder.feature_shapes((spec.channels, spec.image_size, spec.image_size))
     rule = build_rule(cfg.rule, shapes, rule_options(cfg))
     mf = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    coupled = _batch_coupling_modules(encoder) if cfg.micro_batch is not None else []
+    coupled = batch_coupling_modules(encoder) if cfg.micro_batch is not None else []
     if coupled:  # train_step would refuse it too; say so before any data is touched
         raise ConfigError(f"micro_batch needs an encoder without BatchNorm; {cfg.encoder} has {', '.join(coupled)}")
     encoder.to(device, memory_format=mf)

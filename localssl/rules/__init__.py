@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from localssl.registry import Registry
-from localssl.rules.base import FEEDBACK_KINDS, Rule, RuleOptions
+from localssl.rules.base import FEEDBACK_KINDS, Group, Rule, RuleOptions, check_groups
 from localssl.rules.bp import BPInfoNCE
 from localssl.rules.clapp import BPCLAPPPlusPlus, CLAPPPlusPlus, Feedback
 from localssl.rules.losses import (
@@ -57,7 +57,8 @@ def build_rule(name: str, feature_shapes: Sequence[tuple[int, ...]], options: Ru
 
 
 __all__ = [
-    "RULES", "SPATIAL_RULES", "BP_COUNTERPART", "FEEDBACK_KINDS", "Rule", "RuleOptions", "build_rule",
+    "RULES", "SPATIAL_RULES", "BP_COUNTERPART", "FEEDBACK_KINDS", "Group", "Rule", "RuleOptions", "build_rule",
+    "check_groups",
     "CLAPPPlusPlus", "BPCLAPPPlusPlus", "BPInfoNCE", "Feedback", "CONTRASTIVE_F", "contrastive_loss",
     "info_nce", "info_nce_symmetric", "nt_xent", "INFONCE_LOSSES", "scores", "spatial_pool", "swap_views",
 ]

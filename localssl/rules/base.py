@@ -2,9 +2,12 @@
 
 A rule is a thin object (STYLE principle 2): its loss, where its context comes
 from, and which parameters it owns. It declares how the encoder's blocks are
-grouped; every group trains on its own loss, with its input detached. Local
-rules put every block in its own group; end-to-end BP is the same machinery
-with a single group holding every block, so nothing is detached.
+grouped (`Group`); every group trains on its own loss, back-propagated through
+its own blocks only, from a detached input. Local rules put every block in its
+own group; end-to-end BP is the same machinery with a single group holding
+every block, so nothing is detached. Groups may overlap (LoCo, METHODS 5.2): a
+block in two groups gets the gradient of both losses, and still nothing
+crosses below a group's first block.
 """
 from __future__ import annotations
 
@@ -15,6 +18,49 @@ import torch
 from torch import nn
 
 FEEDBACK_KINDS = ("trainable", "identity", "fixed")
+
+
+@dataclass(frozen=True)
+class Group:
+    """One loss and the consecutive blocks it trains.
+
+    The loss reads the output of the group's last block; its gradient flows
+    through ``blocks`` and stops at their input, the detached output of block
+    ``blocks[0] - 1`` (``input``; -1: the images). A block's output is
+    computed once per step for the groups that take it as input, whichever
+    group computed it.
+    """
+
+    blocks: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        b = tuple(int(k) for k in self.blocks)
+        if not b or b[0] < 0 or b != tuple(range(b[0], b[0] + len(b))):
+            raise ValueError(f"a group's blocks must be consecutive block indices >= 0, got {list(self.blocks)}")
+        object.__setattr__(self, "blocks", b)
+
+    @property
+    def input(self) -> int:
+        """The block whose (detached) output feeds this group; -1 for the images."""
+        return self.blocks[0] - 1
+
+    @property
+    def output(self) -> int:
+        """The block whose output the group's loss reads."""
+        return self.blocks[-1]
+
+
+def check_groups(groups: Sequence[Group], num_blocks: int) -> None:
+    """Groups a trainer can run: inside the encoder, every block trained by some group, in input order."""
+    if not groups:
+        raise ValueError("a rule needs at least one group")
+    if groups[-1].output >= num_blocks or any(g.output >= num_blocks for g in groups):
+        raise ValueError(f"groups {[list(g.blocks) for g in groups]} reach past the encoder's {num_blocks} blocks")
+    if [g.input for g in groups] != sorted(g.input for g in groups):
+        raise ValueError("groups must be ordered by their first block (each one's input exists before it runs)")
+    untrained = sorted(set(range(num_blocks)) - {b for g in groups for b in g.blocks})
+    if untrained:
+        raise ValueError(f"blocks {[b + 1 for b in untrained]} belong to no group and would never train")
 
 
 @dataclass
@@ -65,11 +111,11 @@ class Rule(nn.Module):
     def num_blocks(self) -> int:
         return len(self.feature_shapes)
 
-    def groups(self) -> list[list[int]]:
-        """Consecutive groups of block indices that train on one loss each."""
+    def groups(self) -> list[Group]:
+        """The groups of blocks that train on one loss each (see `Group`)."""
         if self.local:
-            return [[k] for k in range(self.num_blocks)]
-        return [list(range(self.num_blocks))]
+            return [Group((k,)) for k in range(self.num_blocks)]
+        return [Group(tuple(range(self.num_blocks)))]
 
     def loss(self, g: int, h: torch.Tensor, top: torch.Tensor | None = None) -> torch.Tensor:
         """Scalar loss of group ``g`` given its last block's output ``h`` (2B views).

@@ -128,7 +128,7 @@ def layer_gradients(
     top loss of both passes and every group's local loss. The encoder's and
     the rule's ``.grad`` are left cleared.
     """
-    from localssl.engine.trainer import train_step
+    from localssl.engine.step import train_step
 
     _check_local(rule)
     device = views.device
@@ -305,7 +305,7 @@ def fit_b(
             outs = encoder(views)
         top = outs[-1] if rule.needs_top_context else None
         with autocast(views.device, dtype):
-            losses = [rule.loss(g, outs[blocks[-1]], top) for g, blocks in enumerate(groups)]
+            losses = [rule.loss(g, outs[group.output], top) for g, group in enumerate(groups)]
         loss = sum(losses)
         if not torch.isfinite(loss):
             raise ValueError(f"B fitting diverged at step {len(history) + 1} (loss {float(loss)}); lower the lr")

@@ -51,7 +51,7 @@ class BenchState:
     micro_batch: int | None = None
 
     def step(self, views: torch.Tensor, with_optimizer: bool = True) -> list[torch.Tensor]:
-        from localssl.engine.trainer import train_step
+        from localssl.engine.step import train_step
 
         return train_step(self.encoder, self.rule, self.optimizer if with_optimizer else None, views,
                           device=self.device, amp_dtype=self.amp_dtype, micro_batch=self.micro_batch)

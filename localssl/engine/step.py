@@ -1,0 +1,301 @@
+"""One training step: every group's forward, loss and backward, then one update.
+
+The step is a seam (`Step`): the loop in `engine.trainer` calls
+``step(encoder, rule, optimizer, views, index)`` and never looks inside, so a
+new way to run a step (pipelined across devices, iterative inference) is one
+more class here, not a change to the loop. Three exist:
+- `PlainStep`: groups one after another; each group's graph is freed before
+  the next is built, so the activation memory is one group's, not the sum.
+- `MicroBatchedStep`: the same gradient, holding one chunk of views at a time
+  (METHODS 2.2b; GradCache for end-to-end rules).
+- `SequentialStep`: blockwise SSL's sequential mode (METHODS 5.1): group k
+  trains alone for its share of the steps, the groups below it frozen.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from localssl.engine.runtime import autocast
+from localssl.models import BlockEncoder
+from localssl.rules import Group, Rule
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss became NaN/inf; the run stops and keeps its last good checkpoint."""
+
+
+Losses = list[torch.Tensor | None]
+"""Each group's detached loss this step; None for a group that did not train (sequential mode)."""
+
+
+class Step(ABC):
+    """How one step runs. Subclasses implement ``__call__``; they hold options, never model state."""
+
+    @abstractmethod
+    def __call__(self, encoder: BlockEncoder, rule: Rule, optimizer: torch.optim.Optimizer | None,
+                 views: torch.Tensor, index: int = 0, *, device: torch.device | None = None,
+                 amp_dtype: torch.dtype | None = None) -> Losses:
+        """Step ``index`` (0-based) on a batch of stacked views; returns every group's loss.
+
+        With ``optimizer=None`` only the gradients are computed and left in
+        ``.grad`` (gradient alignment and tests).
+        """
+
+
+def train_step(
+    encoder: BlockEncoder,
+    rule: Rule,
+    optimizer: torch.optim.Optimizer | None,
+    views: torch.Tensor,
+    device: torch.device | None = None,
+    amp_dtype: torch.dtype | None = None,
+    micro_batch: int | None = None,
+) -> list[torch.Tensor]:
+    """One plain step (or micro-batched, with chunks of ``micro_batch`` views); every group's loss.
+
+    A chunk as large as the batch is the plain step.
+    """
+    step: Step = PlainStep() if micro_batch is None or micro_batch >= views.shape[0] else MicroBatchedStep(micro_batch)
+    return step(encoder, rule, optimizer, views, device=device, amp_dtype=amp_dtype)  # type: ignore[return-value]
+
+
+def _amp(views: torch.Tensor, device: torch.device | None, amp_dtype: torch.dtype | None) -> Callable:
+    """A factory of the step's autocast context (a fresh one per ``with``)."""
+    dev = device or views.device
+    return lambda: autocast(dev, amp_dtype)
+
+
+def check_finite(losses: Losses, groups: Sequence[Group]) -> None:
+    """One check (one device sync on a GPU) for all groups, before any update."""
+    ran = [(g, v) for g, v in enumerate(losses) if v is not None]
+    finite = torch.isfinite(torch.stack([v for _, v in ran]))
+    if not finite.all():
+        g, v = ran[int((~finite).nonzero()[0, 0])]
+        raise NonFiniteLossError(f"loss of group {g + 1} (blocks {[b + 1 for b in groups[g].blocks]}) is {v.item()}")
+
+
+_NORM = (nn.modules.batchnorm._BatchNorm, nn.SyncBatchNorm)
+
+
+def batch_coupling_modules(encoder: nn.Module) -> list[str]:
+    """Modules whose output row depends on other rows in training mode (batch statistics)."""
+    return [name for name, m in encoder.named_modules() if isinstance(m, _NORM) and m.training]
+
+
+@contextmanager
+def _norm_stats_kept(block: nn.Module) -> Iterator[None]:
+    """Run ``block`` without changing its BatchNorm running statistics.
+
+    A block shared by two overlapping groups (LoCo) runs twice per step on
+    the same input; its running statistics must move once, as they would
+    with the block in one group only. The forward inside updates copies of
+    the buffers, which are then dropped; the originals are never written in
+    place (autograd may have saved them for a backward still to come).
+    """
+    norms = [m for m in block.modules() if isinstance(m, _NORM)]
+    saved = [dict(m._buffers) for m in norms]
+    try:
+        for m, bufs in zip(norms, saved):
+            for name, buf in bufs.items():
+                if buf is not None:
+                    setattr(m, name, buf.clone())
+        yield
+    finally:
+        for m, bufs in zip(norms, saved):
+            for name, buf in bufs.items():
+                setattr(m, name, buf)
+
+
+class _Forward:
+    """Block outputs a step has computed (detached), kept only while a later group still needs them."""
+
+    def __init__(self, groups: Sequence[Group], x: torch.Tensor) -> None:
+        self.outputs: dict[int, torch.Tensor] = {-1: x}
+        self.ran: set[int] = set()
+        # The last group that reads block b's output: after it, the output is dropped.
+        self.last_use = {g.input: i for i, g in enumerate(groups)}
+
+    def run(self, encoder: BlockEncoder, g: int, group: Group) -> torch.Tensor:
+        """Group ``group``'s forward with a graph through its blocks only; returns its last block's output."""
+        h = self.outputs[group.input].detach()  # the cut: no gradient crosses it
+        if self.last_use.get(group.input) == g and group.input >= 0:
+            del self.outputs[group.input]
+        for b in group.blocks:
+            block = encoder.blocks[b]
+            if b in self.ran:
+                with _norm_stats_kept(block):
+                    h = block(h)
+            else:
+                h = block(h)
+                self.ran.add(b)
+            if b not in self.outputs and b in self.last_use and self.last_use[b] > g:
+                self.outputs[b] = h.detach()
+        return h
+
+
+def _top_context(encoder: BlockEncoder, rule: Rule, views: torch.Tensor, ctx: Callable) -> torch.Tensor | None:
+    if not rule.needs_top_context:
+        return None
+    # DFB context: the other view's top-layer output, with no gradient (and no running-statistics update:
+    # the groups' own forwards move them).
+    with torch.no_grad(), ctx(), _norm_stats_kept(encoder):
+        return encoder.run_blocks(views, range(len(encoder)))
+
+
+class PlainStep(Step):
+    """Every group in turn: forward through its blocks, its loss, its backward; then one optimizer step."""
+
+    def __call__(self, encoder, rule, optimizer, views, index=0, *, device=None, amp_dtype=None) -> Losses:
+        ctx = _amp(views, device, amp_dtype)
+        groups = rule.groups()
+        top = _top_context(encoder, rule, views, ctx)
+        if optimizer is not None:
+            optimizer.zero_grad(set_to_none=True)
+        forward = _Forward(groups, views)
+        losses: Losses = []
+        for g, group in enumerate(groups):
+            with ctx():
+                out = forward.run(encoder, g, group)
+                loss = rule.loss(g, out, top)
+            loss.backward()
+            losses.append(loss.detach())
+            del out, loss  # this group's graph is freed here
+        check_finite(losses, groups)
+        if optimizer is not None:
+            optimizer.step()
+        return losses
+
+
+class MicroBatchedStep(Step):
+    """The plain step's gradient, holding the activations of one chunk of ``micro_batch`` views at a time.
+
+    A loss reads the whole batch (negatives and contexts are other rows), but
+    only through each group's small representation z = represent(h) (the
+    pooled map), and every block maps rows independently. So (METHODS 2.2b):
+      1. no graph: every chunk through every block; keep each group's z
+         (and the DFB context), never a full-batch activation;
+      2. each group's loss on the whole batch of z: its backward gives the
+         rule's own gradients (B) and dL/dz;
+      3. every chunk again, group by group with a graph one group deep,
+         back-propagating dL/dz[chunk] into the group's weights.
+    The weight gradient is a sum over rows, so this equals the plain step's
+    gradient up to float rounding (tests/test_rules.py checks it for every
+    rule), at the cost of one more forward pass. The same holds for an
+    end-to-end rule (its single group is the whole encoder): that is
+    GradCache (Gao et al. 2021) for BP-InfoNCE.
+    """
+
+    def __init__(self, micro_batch: int) -> None:
+        if micro_batch < 1:
+            raise ValueError(f"micro_batch must be >= 1 views, got {micro_batch}")
+        self.micro_batch = micro_batch
+
+    def __call__(self, encoder, rule, optimizer, views, index=0, *, device=None, amp_dtype=None) -> Losses:
+        coupled = batch_coupling_modules(encoder)
+        if coupled:
+            raise ValueError(
+                f"micro-batching needs blocks that map each row on its own; {', '.join(coupled)} use batch "
+                "statistics (BatchNorm): set micro_batch to None or use an encoder without them"
+            )
+        ctx = _amp(views, device, amp_dtype)
+        groups = rule.groups()
+        chunks = views.split(self.micro_batch)
+        # 1. Representations (and the DFB context) of the whole batch, chunk by chunk.
+        reps: list[list[torch.Tensor]] = [[] for _ in groups]
+        tops: list[torch.Tensor] = []
+        with torch.no_grad(), ctx():
+            for x in chunks:
+                outs = encoder(x)
+                for g, group in enumerate(groups):
+                    reps[g].append(rule.represent(g, outs[group.output]))
+                if rule.needs_top_context:
+                    tops.append(rule.context(outs[-1]))
+                del outs
+        top = torch.cat(tops) if tops else None
+        # 2. The losses on the whole batch: gradients of the rule's parameters and dL/dz.
+        if optimizer is not None:
+            optimizer.zero_grad(set_to_none=True)
+        losses: Losses = []
+        dz = []
+        for g in range(len(groups)):
+            z = torch.cat(reps[g]).requires_grad_()
+            reps[g] = []
+            with ctx():
+                loss = rule.objective(g, z, top)
+            loss.backward()
+            dz.append(z.grad.split(self.micro_batch))
+            losses.append(loss.detach())
+        check_finite(losses, groups)  # before the recomputation that a NaN would waste
+        # 3. Each chunk again, group by group; no gradient crosses below a group's first block.
+        for c, x in enumerate(chunks):
+            forward = _Forward(groups, x)
+            for g, group in enumerate(groups):
+                with ctx():
+                    out = forward.run(encoder, g, group)
+                    z = rule.represent(g, out)
+                z.backward(dz[g][c])
+                del out, z
+        if optimizer is not None:
+            optimizer.step()
+        return losses
+
+
+class SequentialStep(Step):
+    """Sequential blockwise training (METHODS 5.1): group k trains alone for steps
+    [k * steps_per_group, (k + 1) * steps_per_group); the last group keeps training after that.
+
+    The groups below the active one are frozen: they run without a graph and
+    in eval mode (their BatchNorm uses, and no longer moves, its running
+    statistics), so what they learnt stays as it was when their turn ended.
+    The groups above it do not run. Overlapping groups would let the active
+    loss move a frozen block, so they are refused.
+    """
+
+    def __init__(self, steps_per_group: int) -> None:
+        if steps_per_group < 1:
+            raise ValueError(f"steps_per_group must be >= 1, got {steps_per_group}")
+        self.steps_per_group = steps_per_group
+
+    def active(self, index: int, num_groups: int) -> int:
+        return min(index // self.steps_per_group, num_groups - 1)
+
+    def __call__(self, encoder, rule, optimizer, views, index=0, *, device=None, amp_dtype=None) -> Losses:
+        groups = rule.groups()
+        if any(set(a.blocks) & set(b.blocks) for i, a in enumerate(groups) for b in groups[i + 1:]):
+            raise ValueError("sequential training needs groups that do not overlap")
+        ctx = _amp(views, device, amp_dtype)
+        k = self.active(index, len(groups))
+        group = groups[k]
+        frozen = [encoder.blocks[b] for b in range(group.input + 1)]
+        modes = [m.training for m in frozen]
+        try:
+            for m in frozen:
+                m.eval()
+            with torch.no_grad(), ctx():
+                h = encoder.run_blocks(views, range(group.input + 1))
+            top = _top_context(encoder, rule, views, ctx)
+        finally:
+            for m, mode in zip(frozen, modes):
+                m.train(mode)
+        if optimizer is not None:
+            optimizer.zero_grad(set_to_none=True)
+        with ctx():
+            out = encoder.run_blocks(h, group.blocks)
+            loss = rule.loss(k, out, top)
+        loss.backward()
+        losses: Losses = [None] * len(groups)
+        losses[k] = loss.detach()
+        del out, loss
+        check_finite(losses, groups)
+        if optimizer is not None:
+            optimizer.step()
+        return losses
+
+
+__all__ = ["Step", "PlainStep", "MicroBatchedStep", "SequentialStep", "train_step", "check_finite",
+           "batch_coupling_modules", "NonFiniteLossError", "Losses"]
