@@ -81,7 +81,8 @@ def probe_run(cfg: ProbeConfig) -> tuple[dict[str, Any], Path]:
     else:
         mean, std = spec.mean, spec.std
     if encoder is None:
-        encoder = random_init_like(build_encoder(tcfg.encoder, tcfg.width, spec.channels), seed=cfg.seed)
+        encoder = random_init_like(build_encoder(tcfg.encoder, tcfg.width, spec.channels, tcfg.encoder_options),
+                                   seed=cfg.seed)
     size = spec.image_size
     try:
         shapes = encoder.feature_shapes((spec.channels, size, size))
