@@ -20,12 +20,14 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any
 
-from localssl.config import ConfigError, ProbeConfig, TrainConfig, from_dict, load_yaml, to_dict
+from localssl.config import ConfigError, ProbeConfig, TrainConfig, from_dict, load_yaml, parse_key_values, to_dict
 
 _HELP = {
     "rule": "learning rule (see `localssl rules`)",
-    "encoder": "encoder name (vgg6, vgg8)",
+    "encoder": "encoder name (vgg6, vgg8, resnet18, resnet50)",
     "width": "channel width multiplier (1.0 = the paper's VGG-6; 0.25 for CPU runs)",
+    "encoder_options": "the encoder's own options as KEY=VALUE, repeatable, over the config file's (resnet*: "
+    "stem=auto|cifar|imagenet, cut=stages|units, zero_init=true|false)",
     "dataset": "data set name (shapes10 is embedded and needs no download)",
     "data_dir": "folder (or archive) holding the data set in its official format",
     "subset": "pre-train on only this many images (deterministic per seed)",
@@ -53,6 +55,10 @@ _HELP = {
 }
 
 
+# Short spellings of generated flags.
+_ALIASES = {"encoder_options": ("--encoder-opt",)}
+
+
 def _add_dataclass_flags(p: argparse.ArgumentParser, cls: type, skip: set[str]) -> None:
     hints = typing.get_type_hints(cls)
     for f in fields(cls):
@@ -67,6 +73,9 @@ def _add_dataclass_flags(p: argparse.ArgumentParser, cls: type, skip: set[str]) 
             base = next(a for a in typing.get_args(tp) if a is not type(None))
         if base is bool:
             p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_)
+        elif typing.get_origin(base) is dict:
+            p.add_argument(flag, *_ALIASES.get(f.name, ()), dest=f.name, nargs="+", action="extend",
+                           metavar="KEY=VALUE", default=None, help=help_)
         elif typing.get_origin(base) is list:
             p.add_argument(flag, dest=f.name, nargs="+", default=None, help=help_)
         else:
@@ -78,11 +87,19 @@ def _resolve(cls: type, args: argparse.Namespace, base: Any = None) -> Any:
     data = to_dict(base) if base is not None else {}
     if getattr(args, "config", None):
         data.update(to_dict(load_yaml(cls, args.config)))
+    hints = typing.get_type_hints(cls)
     for f in fields(cls):
         v = getattr(args, f.name, None)
-        if v is not None:
-            data[f.name] = v
+        if v is None:
+            continue
+        if _is_mapping(hints[f.name]):  # KEY=VALUE flags add to (or override keys of) the file's mapping
+            v = {**(data.get(f.name) or {}), **parse_key_values(cls.__name__, f.name, v)}
+        data[f.name] = v
     return from_dict(cls, data)
+
+
+def _is_mapping(tp: Any) -> bool:
+    return any(typing.get_origin(t) is dict for t in (tp, *typing.get_args(tp)))
 
 
 def cmd_train(args: argparse.Namespace) -> int:

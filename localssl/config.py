@@ -35,6 +35,9 @@ class TrainConfig:
     rule: str = "clapp++"
     encoder: str = "vgg6"
     width: float = 0.25
+    # the encoder's own options (e.g. ResNet's stem, cut), checked against its
+    # dataclass (`localssl.models.encoder_options`); None: its defaults. Saved resolved.
+    encoder_options: dict[str, Any] | None = None
     # data
     dataset: str = "shapes10"
     data_dir: str | None = None
@@ -116,6 +119,12 @@ def _check_type(cls_name: str, name: str, tp: Any, value: Any) -> Any:
             return None
         non_none = [a for a in args if a is not type(None)]
         return _check_type(cls_name, name, non_none[0], value)
+    if origin is dict:
+        if isinstance(value, (list, tuple, str)):
+            value = parse_key_values(cls_name, name, value)
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise ConfigError(f"{cls_name}.{name}: expected a mapping of names to values, got {value!r}")
+        return dict(value)
     if origin is list:
         if isinstance(value, str):
             value = [v for v in value.replace(",", " ").split() if v]
@@ -147,6 +156,17 @@ def _check_type(cls_name: str, name: str, tp: Any, value: Any) -> Any:
             raise ConfigError(f"{cls_name}.{name}: expected a string, got {value!r}")
         return str(value)
     return value
+
+
+def parse_key_values(cls_name: str, name: str, items: str | list[str] | tuple[str, ...]) -> dict[str, str]:
+    """``["stem=cifar", "cut=units"]`` (the command line's form of a mapping) as a dict of strings."""
+    out = {}
+    for item in [items] if isinstance(items, str) else items:
+        key, sep, value = str(item).partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"{cls_name}.{name}: expected KEY=VALUE, got {item!r}")
+        out[key.strip()] = value.strip()
+    return out
 
 
 def from_dict(cls: type, data: dict[str, Any]) -> Any:
@@ -217,13 +237,14 @@ def validate_train(cfg: TrainConfig) -> None:
     """Catch impossible settings before any data is loaded or step is taken."""
     # Imported here: the registries import torch and the data loaders.
     from localssl.data import DATASETS, dataset_spec
-    from localssl.models import ENCODERS
+    from localssl.models import ENCODERS, encoder_options
     from localssl.rules import CONTRASTIVE_F, FEEDBACK_KINDS, RULES
 
     for kind, reg, name in (("rule", RULES, cfg.rule), ("encoder", ENCODERS, cfg.encoder),
                             ("dataset", DATASETS, cfg.dataset), ("loss function f", CONTRASTIVE_F, cfg.f)):
         if name not in reg:
             raise ConfigError(f"unknown {kind} {name!r}; valid: {', '.join(reg.names())}")
+    encoder_options(cfg.encoder, cfg.encoder_options)  # unknown keys list the valid ones
     if cfg.feedback not in FEEDBACK_KINDS:
         raise ConfigError(f"unknown feedback {cfg.feedback!r}; valid: {', '.join(FEEDBACK_KINDS)}")
     if cfg.amp not in AMP_MODES:
@@ -311,7 +332,7 @@ def check_shapes(cfg: TrainConfig, image_size: int, channels: int) -> list[int]:
     from localssl.models import build_encoder
     from localssl.rules import build_rule
 
-    enc = build_encoder(cfg.encoder, cfg.width, channels)
+    enc = build_encoder(cfg.encoder, cfg.width, channels, cfg.encoder_options, image_size=image_size)
     try:
         shapes = enc.feature_shapes((channels, image_size, image_size))
     except RuntimeError as e:
@@ -371,5 +392,6 @@ def validate_probe(cfg: ProbeConfig) -> None:
 
 __all__ = [
     "ConfigError", "TrainConfig", "ProbeConfig", "from_dict", "to_dict", "load_yaml", "save_yaml", "replace",
-    "validate_train", "validate_probe", "rule_options", "check_grids", "check_shapes", "check_normalization",
+    "parse_key_values", "validate_train", "validate_probe", "rule_options", "check_grids", "check_shapes",
+    "check_normalization",
 ]

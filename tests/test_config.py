@@ -20,6 +20,9 @@ def test_yaml_round_trip(tmp_path):
                       resize=64, mean=[0.4914, 0.4822, 0.4465], std=[0.2470, 0.2435, 0.2616])
     save_yaml(cfg, tmp_path / "c.yaml")
     assert load_yaml(TrainConfig, tmp_path / "c.yaml") == cfg
+    cfg = TrainConfig(encoder="resnet50", encoder_options={"stem": "imagenet", "cut": "units", "zero_init": True})
+    save_yaml(cfg, tmp_path / "r.yaml")
+    assert load_yaml(TrainConfig, tmp_path / "r.yaml") == cfg
     p = ProbeConfig(protocols=["fast", "paper"], random_init=True, grids=[7, 2, 2, 1, 1, 1], resize=28)
     save_yaml(p, tmp_path / "p.yaml")
     assert load_yaml(ProbeConfig, tmp_path / "p.yaml") == p
@@ -64,6 +67,10 @@ def test_wrong_type_names_the_key():
         ({"crop_scale": [float("nan"), 1.0]}, "crop_scale must be a finite number"),
         ({"mean": [0.5, float("inf"), 0.5], "std": [0.2] * 3}, "mean must be a finite number"),
         ({"out": ""}, "out must name the run's folder"),
+        ({"encoder": "resnet18", "encoder_options": {"stem": "tiny"}}, "unknown ResNet stem 'tiny'.*imagenet"),
+        ({"encoder": "resnet18", "encoder_options": {"depth": 34}}, r"'depth'; valid keys: cut, stem, zero_init"),
+        ({"encoder_options": {"stem": "cifar"}}, "encoder 'vgg6' takes no encoder_options, got 'stem'"),
+        ({"encoder": "resnet18", "grids": [8, 4, 4, 4, 2, 2]}, "6 entries but encoder resnet18 has 4 blocks"),
     ],
 )
 def test_impossible_values_caught_before_training(kw, pattern):
@@ -106,6 +113,22 @@ def test_cli_list_flags_parse_to_typed_lists(tmp_path, monkeypatch):
     args = build_parser().parse_args(["train", "--resize", "64", "--mean", "0.5", "--std", "0.25"])
     cfg = _resolve(TrainConfig, args)
     assert (cfg.resize, cfg.mean, cfg.std) == (64, [0.5], [0.25])
+
+
+def test_encoder_options_from_yaml_and_key_value_flags(tmp_path, monkeypatch):
+    """``--encoder-opt KEY=VALUE`` (repeatable) adds keys to the file's ``encoder_options`` or overrides them."""
+    import localssl.engine.trainer as tr
+
+    seen = {}
+    monkeypatch.setattr(tr, "train", lambda cfg, resume=False: seen.setdefault("cfg", cfg) and tmp_path)
+    (tmp_path / "c.yaml").write_text("encoder: resnet18\nencoder_options: {cut: units, zero_init: true}\n")
+    main(["train", "--config", str(tmp_path / "c.yaml"), "--encoder-opt", "stem=cifar", "--encoder-opt", "cut=stages"])
+    assert seen["cfg"].encoder_options == {"cut": "stages", "zero_init": True, "stem": "cifar"}
+    validate_train(seen["cfg"])
+    with pytest.raises(ConfigError, match="expected KEY=VALUE, got 'stem'"):
+        from_dict(TrainConfig, {"encoder_options": ["stem"]})
+    with pytest.raises(ConfigError, match="TrainConfig.encoder_options: expected a mapping"):
+        from_dict(TrainConfig, {"encoder_options": 3})
 
 
 def test_probe_config_checks_grids_and_resize():

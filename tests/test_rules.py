@@ -7,7 +7,15 @@ on every rule in ``RULES``, on two tiny encoders:
   which exercises pooling kernels > 1, grid == map size (flatten) and global
   pooling;
 - ``tail``: a 3-block net cut from one ``nn.Sequential`` at 8 px whose last
-  block is ``Flatten + Linear`` (1-D features).
+  block is ``Flatten + Linear`` (1-D features);
+- ``resnet18``: ResNet-18 at width 1/16 (4..32 channels) on 32 px, CIFAR stem,
+  cut into its 4 stages (maps 32, 16, 8, 4; grids 8-4-2-1), with BatchNorm
+  and residual units inside the blocks;
+- ``resnet50``: ResNet-50 at width 1/16 (bottleneck outputs 16..128 channels)
+  on 32 px with the ImageNet stem (maps 8, 4, 2, 1; grids 4-2-1-1);
+- ``resnet18-units``: ResNet-18 cut into its 8 residual units, at 16 px.
+The micro-batched step refuses BatchNorm (its rows are coupled), so its tests
+run on the encoders without it (``ROW_WISE_CASES``).
 
 What is checked (METHODS 2, docs/architecture.md "Rules"):
 (a) gradient routing: block k's parameters (and the rule's parameters of
@@ -85,7 +93,22 @@ def _tail():
     return split_into_blocks(seq, [2, 5], name="tail"), (1, 8, 8), [4, 2, 1]
 
 
-CASES = {"vgg": _vgg, "tail": _tail}
+def _resnet(name: str, size: int, grids: list[int], **options):
+    def case():
+        return build_encoder(name, width=1 / 16, in_channels=3, options=options), (3, size, size), grids
+    return case
+
+
+CASES = {
+    "vgg": _vgg,
+    "tail": _tail,
+    "resnet18": _resnet("resnet18", 32, [8, 4, 2, 1], stem="cifar"),
+    "resnet50": _resnet("resnet50", 32, [4, 2, 1, 1], stem="imagenet"),
+    # maps 16, 16, 8, 8, 4, 4, 2, 2
+    "resnet18-units": _resnet("resnet18", 16, [4, 4, 2, 2, 2, 1, 1, 1], stem="cifar", cut="units"),
+}
+#: The cases whose blocks map every row on its own (no BatchNorm): what micro-batching needs.
+ROW_WISE_CASES = ["vgg", "tail"]
 
 
 def make_views(in_shape, seed: int = 0, n: int = N_IMAGES, dtype=torch.float32) -> torch.Tensor:
@@ -193,8 +216,7 @@ def test_parameter_ownership(name, case):
 
 
 @pytest.mark.parametrize("name", RULE_NAMES)
-@pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("micro_batch", [None, 3])
+@pytest.mark.parametrize("case, micro_batch", [(c, None) for c in CASES] + [(c, 3) for c in ROW_WISE_CASES])
 def test_gradient_routing(name, case, micro_batch, monkeypatch):
     """Loss k reaches block k's parameters and group k's rule parameters, and nothing else.
 
@@ -375,7 +397,7 @@ def test_top_context_is_the_no_grad_top_output(name, monkeypatch):
 
 
 @pytest.mark.parametrize("name", RULE_NAMES)
-@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("case", ROW_WISE_CASES)
 @pytest.mark.parametrize("micro_batch", [1, 3, 4])
 def test_micro_batched_step_gives_the_plain_gradients(name, case, micro_batch):
     """Chunked recompute (METHODS 2.2b) == the plain step, every parameter, float64 exactly.

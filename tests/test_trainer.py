@@ -1,6 +1,7 @@
 """The training loop: resume, checkpoints, non-finite losses, run folders."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -81,6 +82,26 @@ def test_training_changes_weights(tmp_path):
     init = build_encoder("vgg6", 1 / 16).state_dict()
     trained = _weights(run)
     assert all(not torch.equal(init[k], trained[k]) for k in init)
+
+
+def test_resnet_run_saves_its_resolved_options_and_resumes_and_reloads(tmp_path):
+    """ResNet-18 (BatchNorm, CIFAR stem chosen at 32 px): the run saves the stem it used, resumes and loads back."""
+    from localssl.engine.checkpoint import load_encoder_from_run
+
+    cfg = tiny_cfg(tmp_path, encoder="resnet18", rule="bp-infonce", batch_size=8, subset=32, max_steps=1)
+    run = train(cfg)
+    saved = load_checkpoint(run / CHECKPOINT)["config"]
+    assert saved["encoder_options"] == {"stem": "cifar", "cut": "stages", "zero_init": False}
+    assert saved["grids"] == [1, 1, 1, 1]  # no reference grids for ResNets: global pooling per block
+    # Options left unset, or some given as a config file or --encoder-opt would: the others are the run's.
+    for step, options in ((2, None), (3, {"zero_init": "false"})):
+        train(dataclasses.replace(cfg, max_steps=step, encoder_options=options), resume=True)
+    with pytest.raises(ConfigError, match="cannot resume.*encoder_options.*'cut': 'units'"):
+        train(dataclasses.replace(cfg, max_steps=4, encoder_options={"cut": "units"}), resume=True)
+    encoder, tcfg = load_encoder_from_run(run)
+    assert tcfg.encoder_options == saved["encoder_options"] and len(encoder) == 4
+    weights = _weights(run)
+    assert all(torch.equal(v, weights[k]) for k, v in encoder.state_dict().items())
 
 
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):

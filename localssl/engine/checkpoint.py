@@ -104,6 +104,6 @@ def read_encoder_from_run(run_dir: str | Path, checkpoint: str | Path | None = N
     cfg = from_dict(TrainConfig, state["config"])
     # The saved normalisation has one value per input channel (imagefolder: 1 for grayscale data).
     channels = len(cfg.mean) if cfg.mean else dataset_spec(cfg.dataset).channels
-    encoder = build_encoder(cfg.encoder, cfg.width, channels)
+    encoder = build_encoder(cfg.encoder, cfg.width, channels, cfg.encoder_options)  # saved resolved by train
     encoder.load_state_dict(state["encoder"])
     return encoder.to(device), cfg, record

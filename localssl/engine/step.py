@@ -87,6 +87,12 @@ def batch_coupling_modules(encoder: nn.Module) -> list[str]:
     return [name for name, m in encoder.named_modules() if isinstance(m, _NORM) and m.training]
 
 
+def some_names(names: Sequence[str], most: int = 3) -> str:
+    """A few names of a list that may be long (a ResNet has 20 to 53 BatchNorms)."""
+    rest = len(names) - most
+    return ", ".join(names[:most]) + (f" and {rest} more" if rest > 0 else "")
+
+
 @contextmanager
 def _norm_stats_kept(block: nn.Module) -> Iterator[None]:
     """Run ``block`` without changing its BatchNorm running statistics.
@@ -199,7 +205,7 @@ class MicroBatchedStep(Step):
         coupled = batch_coupling_modules(encoder)
         if coupled:
             raise ValueError(
-                f"micro-batching needs blocks that map each row on its own; {', '.join(coupled)} use batch "
+                f"micro-batching needs blocks that map each row on its own; {some_names(coupled)} use batch "
                 "statistics (BatchNorm): set micro_batch to None or use an encoder without them"
             )
         ctx = _amp(views, device, amp_dtype)

@@ -56,8 +56,8 @@ from localssl.engine.runtime import (
     seed_everything,
     set_deterministic,
 )
-from localssl.engine.step import NonFiniteLossError, batch_coupling_modules, train_step
-from localssl.models import BlockEncoder, build_encoder
+from localssl.engine.step import NonFiniteLossError, batch_coupling_modules, some_names, train_step
+from localssl.models import BlockEncoder, build_encoder, resolve_encoder_options
 from localssl.rules import Rule, build_rule
 
 
@@ -84,7 +84,7 @@ RESUMABLE_CHANGES = {"epochs", "max_steps", "micro_batch", "progress", "checkpoi
                      "threads", "retain_freed_memory", "out"}
 # Options whose default depends on the data; a run saves them resolved, and
 # leaving one unset on resume means "the run's".
-RESOLVED_AT_START = ("grids", "mean", "std")
+RESOLVED_AT_START = ("grids", "mean", "std", "encoder_options")
 
 
 def _fused_ok(params: list[torch.nn.Parameter]) -> bool:
@@ -191,6 +191,11 @@ def _train(cfg: TrainConfig, resume: bool, out: Path) -> Path:
         saved = state["config"]
         cfg = replace_config(cfg, **{k: saved[k] for k in RESOLVED_AT_START
                                      if getattr(cfg, k) is None and saved.get(k) is not None})
+        if cfg.encoder == saved.get("encoder") and cfg.encoder_options and saved.get("encoder_options"):
+            # Options asked for (by a config file, or --encoder-opt) complete the run's saved ones, and
+            # compare as the typed values the run saved ("true" from the command line is True).
+            cfg = replace_config(cfg, encoder_options=resolve_encoder_options(
+                cfg.encoder, {**saved["encoder_options"], **cfg.encoder_options}, None))
         diff = {k: (saved[k], v) for k, v in to_dict(cfg).items() if k not in RESUMABLE_CHANGES and saved.get(k) != v}
         if diff:
             raise ConfigError(
@@ -209,16 +214,18 @@ def _train(cfg: TrainConfig, resume: bool, out: Path) -> Path:
 
     spec, data = _load_images(cfg)
     # The run's config as used: grids fitted to this input size, the normalisation of
-    # these images; probe and align read them back from config.yaml / the checkpoint.
+    # these images, the encoder's options with their size-dependent choices made (ResNet's
+    # stem); probe and align read them back from config.yaml / the checkpoint.
     grids = check_shapes(cfg, spec.image_size, spec.channels)
-    cfg = replace_config(cfg, grids=grids, mean=list(spec.mean), std=list(spec.std))
-    encoder = build_encoder(cfg.encoder, cfg.width, spec.channels)
+    cfg = replace_config(cfg, grids=grids, mean=list(spec.mean), std=list(spec.std),
+                         encoder_options=resolve_encoder_options(cfg.encoder, cfg.encoder_options, spec.image_size))
+    encoder = build_encoder(cfg.encoder, cfg.width, spec.channels, cfg.encoder_options)
     shapes = encoder.feature_shapes((spec.channels, spec.image_size, spec.image_size))
     rule = build_rule(cfg.rule, shapes, rule_options(cfg))
     mf = torch.channels_last if cfg.channels_last else torch.contiguous_format
     coupled = batch_coupling_modules(encoder) if cfg.micro_batch is not None else []
     if coupled:  # train_step would refuse it too; say so before any data is touched
-        raise ConfigError(f"micro_batch needs an encoder without BatchNorm; {cfg.encoder} has {', '.join(coupled)}")
+        raise ConfigError(f"micro_batch needs an encoder without BatchNorm; {cfg.encoder} has {some_names(coupled)}")
     encoder.to(device, memory_format=mf)
     rule.to(device)
     optimizer = build_optimizer(encoder, rule, cfg.lr, cfg.weight_decay)

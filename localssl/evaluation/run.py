@@ -109,7 +109,8 @@ def _probe(cfg: ProbeConfig, run: Path) -> dict[str, Any]:
     else:
         mean, std = spec.mean, spec.std
     if encoder is None:
-        encoder = random_init_like(build_encoder(tcfg.encoder, tcfg.width, spec.channels), seed=cfg.seed)
+        encoder = random_init_like(build_encoder(tcfg.encoder, tcfg.width, spec.channels, tcfg.encoder_options),
+                                   seed=cfg.seed)
     size = spec.image_size
     try:
         shapes = encoder.feature_shapes((spec.channels, size, size))

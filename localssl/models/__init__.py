@@ -1,6 +1,17 @@
-"""Encoders cut into blocks."""
-from localssl.models.blocks import BlockEncoder, split_into_blocks
-from localssl.models.vgg import DEFAULT_GRIDS, ENCODERS, build_encoder, default_grids, fit_grid, grid_choices
+"""Encoders cut into blocks, by name (``ENCODERS``): VGG-6/8 (`vgg`) and ResNet-18/50 (`resnet`)."""
+from localssl.models.blocks import BlockEncoder, scale_channels, split_into_blocks
+from localssl.models.registry import (
+    ENCODER_OPTIONS,
+    ENCODERS,
+    EncoderOptions,
+    build_encoder,
+    encoder_options,
+    register_encoder,
+    resolve_encoder_options,
+)
+from localssl.models.resnet import ResNetOptions
+from localssl.models.vgg import DEFAULT_GRIDS, default_grids, fit_grid, grid_choices
 
-__all__ = ["BlockEncoder", "split_into_blocks", "ENCODERS", "DEFAULT_GRIDS", "build_encoder", "default_grids",
-           "fit_grid", "grid_choices"]
+__all__ = ["BlockEncoder", "split_into_blocks", "scale_channels", "ENCODERS", "ENCODER_OPTIONS", "EncoderOptions",
+           "ResNetOptions", "register_encoder", "encoder_options", "resolve_encoder_options", "DEFAULT_GRIDS",
+           "build_encoder", "default_grids", "fit_grid", "grid_choices"]

@@ -57,6 +57,13 @@ class BlockEncoder(nn.Module):
         return [tuple(o.shape[1:]) for o in outs]
 
 
+def scale_channels(channels: int, width: float) -> int:
+    """A layer's channel count under the width multiplier ``width``: rounded, and at least 1."""
+    if width <= 0:
+        raise ValueError(f"width multiplier must be > 0, got {width}")
+    return max(1, int(round(channels * width)))
+
+
 def split_into_blocks(model: nn.Sequential, boundaries: Sequence[int], name: str = "custom") -> BlockEncoder:
     """Cut any ``nn.Sequential`` into blocks.
 

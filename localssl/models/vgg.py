@@ -14,9 +14,9 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from localssl.models.blocks import BlockEncoder
+from localssl.models.blocks import BlockEncoder, scale_channels
 from localssl.models.layers import MaxPool2d
-from localssl.registry import Registry
+from localssl.models.registry import register_encoder
 
 # (channels, max-pool after the layer)
 VGG_CONFIGS: dict[str, list[tuple[int, bool]]] = {
@@ -36,16 +36,12 @@ DEFAULT_GRIDS: dict[str, list[int]] = {
     "vgg8": [8, 4, 4, 4, 2, 2, 2, 2],
 }
 
-ENCODERS: Registry = Registry("encoder")
-
 
 def _vgg(name: str, width: float, in_channels: int) -> BlockEncoder:
-    if width <= 0:
-        raise ValueError(f"width multiplier must be > 0, got {width}")
     blocks = []
     c_in = in_channels
     for c, pool in VGG_CONFIGS[name]:
-        c_out = max(1, int(round(c * width)))
+        c_out = scale_channels(c, width)
         layers: list[nn.Module] = [nn.Conv2d(c_in, c_out, 3, padding=1, bias=True)]
         # relu(maxpool(x)) == maxpool(relu(x)) exactly (max commutes with a
         # non-decreasing map), so the max-pool goes first: the ReLU and its
@@ -60,21 +56,16 @@ def _vgg(name: str, width: float, in_channels: int) -> BlockEncoder:
     return BlockEncoder(blocks, name=name)
 
 
-@ENCODERS.register("vgg6")
+@register_encoder("vgg6")
 def vgg6(width: float = 1.0, in_channels: int = 3) -> BlockEncoder:
     """VGG-6 of METHODS 2.1, channel counts scaled by ``width``."""
     return _vgg("vgg6", width, in_channels)
 
 
-@ENCODERS.register("vgg8")
+@register_encoder("vgg8")
 def vgg8(width: float = 1.0, in_channels: int = 3) -> BlockEncoder:
     """The 8-layer ImageNet variant of METHODS 2.1, scaled by ``width``."""
     return _vgg("vgg8", width, in_channels)
-
-
-def build_encoder(name: str, width: float = 1.0, in_channels: int = 3) -> BlockEncoder:
-    """Build a registered encoder by name (unknown names list the valid ones)."""
-    return ENCODERS.get(name)(width=width, in_channels=in_channels)
 
 
 def fit_grid(reference: int, height: int, width: int | None = None) -> int:

@@ -458,7 +458,7 @@ def align_run(
     input_shape = (spec.channels, spec.image_size, spec.image_size)
 
     torch.manual_seed(seed)
-    encoder = build_encoder(cfg.encoder, cfg.width, spec.channels)
+    encoder = build_encoder(cfg.encoder, cfg.width, spec.channels, cfg.encoder_options, image_size=spec.image_size)
     if not random_init:
         encoder.load_state_dict(state["encoder"])
     shapes = encoder.feature_shapes(input_shape)

@@ -75,7 +75,7 @@ def build_state(
     from localssl.engine.trainer import build_optimizer
 
     torch.manual_seed(seed)  # the same encoder init for every rule
-    encoder = build_encoder(encoder_name, width, 3)
+    encoder = build_encoder(encoder_name, width, 3, image_size=image_size)
     shapes = encoder.feature_shapes((3, image_size, image_size))
     grids = default_grids(encoder_name, shapes=shapes) if rule_name in SPATIAL_RULES else None
     rule = build_rule(rule_name, shapes, RuleOptions(grids=grids))

@@ -235,8 +235,8 @@ def measure_memory(rules: Sequence[str], encoder: str, width: float, size: int, 
     """Tables 2/3 at one image size: the per-block floor, then every rule's saved activations and parameters."""
     views = random_views(batch_size, size, dev, channels_last, seed)
     torch.manual_seed(seed)
-    enc = build_encoder(encoder, width, 3).to(dev, memory_format=torch.channels_last if channels_last
-                                              else torch.contiguous_format)
+    enc = build_encoder(encoder, width, 3, image_size=size).to(
+        dev, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     log(f"memory: per-block floor at {size}px")
     per_block, bp_total = encoder_block_bytes(enc, views, amp_dtype)
     del enc

@@ -156,7 +156,7 @@ def run_bench(
     amp_dtype = PRECISIONS[precisions[0]]  # of every table but the speed rounds
     width = widths[0]
     for w in dict.fromkeys(widths):
-        build_encoder(encoder, w)  # unknown encoder names fail here, before any work
+        build_encoder(encoder, w, image_size=speed_size)  # unknown encoder names fail here, before any work
     schedules = [Schedule(wide_steps, wide_warmup, wide_rounds) if w >= WIDE_WIDTH else Schedule(steps, warmup, rounds)
                  for w in widths]
 
