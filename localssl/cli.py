@@ -28,6 +28,8 @@ _HELP = {
     "width": "channel width multiplier (1.0 = the paper's VGG-6; 0.25 for CPU runs)",
     "encoder_options": "the encoder's own options as KEY=VALUE, repeatable, over the config file's (resnet*: "
     "stem=auto|cifar|imagenet, cut=stages|units, zero_init=true|false)",
+    "rule_options": "the rule's own options as KEY=VALUE, repeatable, over the config file's (each rule's "
+    "options and defaults: `localssl rules`)",
     "dataset": "data set name (shapes10 is embedded and needs no download)",
     "data_dir": "folder (or archive) holding the data set in its official format",
     "subset": "pre-train on only this many images (deterministic per seed)",
@@ -56,7 +58,7 @@ _HELP = {
 
 
 # Short spellings of generated flags.
-_ALIASES = {"encoder_options": ("--encoder-opt",)}
+_ALIASES = {"encoder_options": ("--encoder-opt",), "rule_options": ("--rule-opt",)}
 
 
 def _add_dataclass_flags(p: argparse.ArgumentParser, cls: type, skip: set[str]) -> None:
@@ -133,10 +135,15 @@ def cmd_probe(args: argparse.Namespace) -> int:
 
 
 def cmd_rules(args: argparse.Namespace) -> int:
-    from localssl.rules import RULES, build_rule  # noqa: F401
+    """Every registered rule with its options (``--rule-opt KEY=VALUE``) and their defaults."""
+    from dataclasses import asdict
+
+    from localssl.rules import RULES
 
     for name in RULES:
-        print(name)
+        defaults = asdict(RULES.get(name).options())
+        opts = " ".join(f"{k}={v}" for k, v in defaults.items()) or "(no options)"
+        print(f"{name:16s} {opts}")
     return 0
 
 

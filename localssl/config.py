@@ -15,12 +15,9 @@ import types
 import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import yaml
-
-if TYPE_CHECKING:
-    from localssl.rules import RuleOptions
 
 
 class ConfigError(ValueError):
@@ -49,15 +46,13 @@ class TrainConfig:
     # values, or imagefolder's own (computed once, kept in the cache). Saved resolved.
     mean: list[float] | None = None
     std: list[float] | None = None
-    # rule options (METHODS 2)
-    f: str = "hinge"
-    feedback: str = "trainable"
+    # the rule's own options (e.g. CLAPP++'s f and feedback, InfoNCE's temperature),
+    # checked against its dataclass (`localssl.rules.rule_options`); None: its
+    # defaults. Saved resolved.
+    rule_options: dict[str, Any] | None = None
     # pooled grid side per block (METHODS 2.2), for the spatial rules' losses
     # and the probe's features; None: `default_grids` at the input size. Saved resolved.
     grids: list[int] | None = None
-    b_l2: float = 0.0
-    temperature: float = 0.1
-    proj_dim: int = 1024
     # optimisation (METHODS 2.4: AdamW lr 2e-4, wd 0, 32 images per batch)
     epochs: int = 20
     max_steps: int | None = None
@@ -169,10 +164,37 @@ def parse_key_values(cls_name: str, name: str, items: str | list[str] | tuple[st
     return out
 
 
+# Rule options that were TrainConfig fields before rules had options of their
+# own; configs and checkpoints of those versions still load (`_upgrade_train`).
+LEGACY_RULE_KEYS = ("f", "feedback", "b_l2", "temperature", "proj_dim")
+
+
+def _upgrade_train(data: dict[str, Any]) -> dict[str, Any]:
+    """A TrainConfig mapping of an earlier version, with its rule options moved into ``rule_options``.
+
+    Only the options the rule has are kept (a CLAPP++ run saved InfoNCE's
+    temperature too, unused); keys given in ``rule_options`` win.
+    """
+    legacy = {k: data[k] for k in LEGACY_RULE_KEYS if k in data}
+    if not legacy:
+        return data
+    from localssl.rules import RULES
+
+    data = {k: v for k, v in data.items() if k not in LEGACY_RULE_KEYS}
+    rule = data.get("rule", TrainConfig.rule)
+    if rule in RULES:
+        known = {f.name for f in fields(RULES.get(rule).options)}
+        kept = {k: v for k, v in legacy.items() if k in known}
+        data["rule_options"] = {**kept, **(data.get("rule_options") or {})} or None
+    return data
+
+
 def from_dict(cls: type, data: dict[str, Any]) -> Any:
     """Build a config dataclass from a dict; unknown keys list the valid ones."""
     if not isinstance(data, dict):
         raise ConfigError(f"a {cls.__name__} must be a mapping, got {type(data).__name__}")
+    if cls is TrainConfig:
+        data = _upgrade_train(data)
     hints = typing.get_type_hints(cls)
     valid = {f.name for f in fields(cls)}
     unknown = sorted(set(data) - valid)
@@ -238,15 +260,17 @@ def validate_train(cfg: TrainConfig) -> None:
     # Imported here: the registries import torch and the data loaders.
     from localssl.data import DATASETS, dataset_spec
     from localssl.models import ENCODERS, encoder_options
-    from localssl.rules import CONTRASTIVE_F, FEEDBACK_KINDS, RULES
+    from localssl.rules import RULES, rule_options
 
     for kind, reg, name in (("rule", RULES, cfg.rule), ("encoder", ENCODERS, cfg.encoder),
-                            ("dataset", DATASETS, cfg.dataset), ("loss function f", CONTRASTIVE_F, cfg.f)):
+                            ("dataset", DATASETS, cfg.dataset)):
         if name not in reg:
             raise ConfigError(f"unknown {kind} {name!r}; valid: {', '.join(reg.names())}")
     encoder_options(cfg.encoder, cfg.encoder_options)  # unknown keys list the valid ones
-    if cfg.feedback not in FEEDBACK_KINDS:
-        raise ConfigError(f"unknown feedback {cfg.feedback!r}; valid: {', '.join(FEEDBACK_KINDS)}")
+    try:  # unknown keys list the valid ones; values checked
+        rule_options(cfg.rule, cfg.rule_options).check_training()
+    except ValueError as e:
+        raise ConfigError(f"rule_options of {cfg.rule}: {e}") from None
     if cfg.amp not in AMP_MODES:
         raise ConfigError(f"unknown amp mode {cfg.amp!r}; valid: {', '.join(AMP_MODES)}")
     if not str(cfg.out).strip():
@@ -254,15 +278,13 @@ def validate_train(cfg: TrainConfig) -> None:
     _check_finite_numbers(cfg)
     if cfg.lr > MAX_LR:
         raise ConfigError(f"lr must be <= {MAX_LR} (AdamW moves every weight by about lr per step), got {cfg.lr}")
-    positive = {"width": cfg.width, "epochs": cfg.epochs, "lr": cfg.lr, "temperature": cfg.temperature,
-                "proj_dim": cfg.proj_dim, "checkpoint_every": cfg.checkpoint_every, "log_every": cfg.log_every}
+    positive = {"width": cfg.width, "epochs": cfg.epochs, "lr": cfg.lr, "checkpoint_every": cfg.checkpoint_every,
+                "log_every": cfg.log_every}
     for k, v in positive.items():
         if v <= 0:
             raise ConfigError(f"{k} must be > 0, got {v}")
-    if cfg.weight_decay < 0 or cfg.b_l2 < 0:
-        raise ConfigError("weight_decay and b_l2 must be >= 0")
-    if cfg.f == "linear" and cfg.b_l2 == 0 and cfg.feedback == "trainable":
-        raise ConfigError("f=linear is unbounded below with a trainable B: set b_l2 > 0 (e.g. 1e-3)")
+    if cfg.weight_decay < 0:
+        raise ConfigError(f"weight_decay must be >= 0, got {cfg.weight_decay}")
     if cfg.max_steps is not None and cfg.max_steps <= 0:
         raise ConfigError(f"max_steps must be > 0, got {cfg.max_steps}")
     if cfg.micro_batch is not None and cfg.micro_batch <= 0:
@@ -329,26 +351,9 @@ def check_shapes(cfg: TrainConfig, image_size: int, channels: int) -> list[int]:
     loss to them, and the probe pools every run's features to them. Rules
     that do not pool spatially ignore them.
     """
-    from localssl.models import build_encoder
-    from localssl.rules import build_rule
+    from localssl.builder import build_model
 
-    enc = build_encoder(cfg.encoder, cfg.width, channels, cfg.encoder_options, image_size=image_size)
-    try:
-        shapes = enc.feature_shapes((channels, image_size, image_size))
-    except RuntimeError as e:
-        raise ConfigError(
-            f"encoder {cfg.encoder} cannot take {image_size}px images from {cfg.dataset}: {e}; "
-            "pass a larger --resize"
-        ) from None
-    grids = check_grids(cfg.encoder, cfg.grids, shapes, image_size)
-    try:
-        import torch
-
-        with torch.device("meta"):  # check only: no memory for (up to 8192 x 8192) B matrices
-            build_rule(cfg.rule, shapes, rule_options(cfg, grids))
-    except ValueError as e:
-        raise ConfigError(f"rule {cfg.rule}: {e}") from None
-    return grids
+    return build_model(cfg, channels, image_size, rule_device="meta").grids
 
 
 def check_normalization(mean: list[float] | None, std: list[float] | None, channels: int | None = None) -> None:
@@ -363,14 +368,6 @@ def check_normalization(mean: list[float] | None, std: list[float] | None, chann
         raise ConfigError(f"std must be > 0 per channel, got {std}")
     if channels is not None and len(mean) != channels:
         raise ConfigError(f"mean/std have {len(mean)} values but the images have {channels} channel(s)")
-
-
-def rule_options(cfg: TrainConfig, grids: list[int] | None = None) -> RuleOptions:
-    """The rule's options out of a train config."""
-    from localssl.rules import RuleOptions
-
-    return RuleOptions(f=cfg.f, feedback=cfg.feedback, grids=grids if grids is not None else cfg.grids,
-                       b_l2=cfg.b_l2, temperature=cfg.temperature, proj_dim=cfg.proj_dim)
 
 
 def validate_probe(cfg: ProbeConfig) -> None:
@@ -392,6 +389,6 @@ def validate_probe(cfg: ProbeConfig) -> None:
 
 __all__ = [
     "ConfigError", "TrainConfig", "ProbeConfig", "from_dict", "to_dict", "load_yaml", "save_yaml", "replace",
-    "parse_key_values", "validate_train", "validate_probe", "rule_options", "check_grids", "check_shapes",
+    "parse_key_values", "validate_train", "validate_probe", "check_grids", "check_shapes",
     "check_normalization",
 ]

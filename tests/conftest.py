@@ -21,6 +21,24 @@ def _one_thread():
     torch.set_num_threads(old)
 
 
+@pytest.fixture
+def route_steps(monkeypatch):
+    """``route_steps(fn)``: every step `train` runs calls ``fn(step, *args, **kw)`` instead, ``step``
+    being the step object it would have run (`localssl.engine.step`); ``route_steps(None)`` undoes it."""
+    from localssl.engine import trainer as trainer_mod
+
+    real_build = trainer_mod.build_step
+
+    def route(fn):
+        if fn is None:
+            monkeypatch.setattr(trainer_mod, "build_step", real_build)
+            return
+        monkeypatch.setattr(trainer_mod, "build_step",
+                            lambda *a, **k: (lambda *sa, **skw: fn(real_build(*a, **k), *sa, **skw)))
+
+    return route
+
+
 @pytest.fixture(autouse=True)
 def _tmp_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("LOCALSSL_CACHE", str(tmp_path_factory.getbasetemp() / "localssl-cache"))

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from localssl.models import BlockEncoder, build_encoder
-from localssl.rules import RULES, RuleOptions, build_rule
+from localssl.rules import RULES, build_rule
 from localssl.theory.align import add_align_parser, align_main, fit_b, gradient_alignment, layer_gradients
 
 LOCAL_RULES = [n for n in RULES.names() if n.startswith("clapp++")]
@@ -24,7 +24,7 @@ def _vgg(rule_name: str, seed: int = 0, **opt):
     torch.manual_seed(seed)
     enc = build_encoder("vgg6", 1 / 16)
     shapes = enc.feature_shapes((3, SIZE, SIZE))
-    rule = build_rule(rule_name, shapes, RuleOptions(grids=GRIDS, **opt))
+    rule = build_rule(rule_name, shapes, {**opt}, grids=GRIDS)
     return enc, rule
 
 
@@ -57,7 +57,7 @@ def test_top_layer_is_identical_and_cosines_are_bounded(rule_name):
 
 def test_bp_rule_is_refused():
     enc, _ = _vgg("clapp++")
-    rule = build_rule("bp-clapp++", enc.feature_shapes((3, SIZE, SIZE)), RuleOptions())
+    rule = build_rule("bp-clapp++", enc.feature_shapes((3, SIZE, SIZE)), {})
     with pytest.raises(ValueError, match="end-to-end"):
         gradient_alignment(enc, rule, [_views()])
 
@@ -124,7 +124,7 @@ def test_linear_cnn_local_gradient_equals_bp_with_matched_b(rule_name, top_scale
     gradients have norms far below 1e-8 (METHODS 3's practical note): the cosine must still be 1."""
     enc, shapes = _linear_cnn(top_scale=top_scale)
     size = shapes[0][-1]
-    rule = build_rule(rule_name, shapes, RuleOptions(f="softplus", grids=[size] * len(shapes)))
+    rule = build_rule(rule_name, shapes, {"f": "softplus"}, grids=[size] * len(shapes))
     v = _views(n_images=5, c=2, size=size, seed=4)
     ms = _maps_to_top(enc, shapes)
     # Without matching, lower layers are misaligned (the check below is not trivially true).
@@ -154,7 +154,7 @@ def test_global_pooling_is_not_exact_in_a_linear_cnn():
     """Global pooling (grid 1) in the same linear CNN: the top layer is still identical by
     construction, while the lower layers are not aligned (here with fresh B)."""
     enc, shapes = _linear_cnn()
-    rule = build_rule("clapp++global", shapes, RuleOptions(f="softplus"))
+    rule = build_rule("clapp++global", shapes, {"f": "softplus"})
     res = gradient_alignment(enc, rule, [_views(n_images=5, c=2, size=4, seed=4)])
     assert abs(res["layers"][-1]["cosine_mean"] - 1) < 1e-6
     assert res["layers"][0]["cosine_mean"] < 1 - 1e-3
@@ -171,7 +171,7 @@ def test_fit_b_trains_only_b_and_lowers_the_loss():
     assert all(torch.equal(w0[k], v) for k, v in enc.state_dict().items())
     assert all(not torch.equal(a, b) for a, b in zip(b0, rule.parameters()))
     frozen = build_rule("clapp++", enc.feature_shapes((3, SIZE, SIZE)),
-                        RuleOptions(grids=GRIDS, feedback="fixed"))
+                        {"feedback": "fixed"}, grids=GRIDS)
     assert fit_b(enc, frozen, batches, steps=5)["fitted"] is False
 
 

@@ -74,7 +74,7 @@ def _exact_stats(images: np.ndarray) -> tuple[float, float]:
 
 def _train_cli(archive: Path, out: Path, rule: str, *extra: str) -> int:
     return main(["train", "--rule", rule, "--dataset", "imagefolder", "--data-dir", str(archive), "--width", "0.125",
-                 "--proj-dim", "16", "--batch-size", "8", "--max-steps", "2", "--amp", "off", "--no-progress",
+                 "--batch-size", "8", "--max-steps", "2", "--amp", "off", "--no-progress",
                  "--out", str(out), *extra])
 
 
@@ -185,7 +185,7 @@ def test_resize_trains_at_the_new_size_and_probe_follows_the_run(gray_archive, t
 
 
 def test_resume_keeps_the_saved_grids_and_normalisation(gray_archive, tmp_path):
-    base = dict(rule="clapp++", dataset="imagefolder", data_dir=str(gray_archive), width=0.125, proj_dim=16,
+    base = dict(rule="clapp++", dataset="imagefolder", data_dir=str(gray_archive), width=0.125,
                 batch_size=8, amp="off", progress=False, out=str(tmp_path / "run"), checkpoint_every=1)
     train(TrainConfig(**base, max_steps=1))
     saved = load_yaml(TrainConfig, tmp_path / "run" / "config.yaml")

@@ -45,8 +45,11 @@ def test_wrong_type_names_the_key():
         ({"rule": "clap"}, r"unknown rule 'clap'.*clapp\+\+"),
         ({"dataset": "cifar11"}, r"unknown dataset 'cifar11'.*cifar10"),
         ({"encoder": "resnet"}, r"unknown encoder 'resnet'.*vgg6"),
-        ({"f": "relu"}, r"unknown loss function f 'relu'.*hinge"),
-        ({"feedback": "random"}, r"unknown feedback.*fixed"),
+        ({"rule_options": {"f": "relu"}}, r"rule_options of clapp\+\+: unknown f 'relu'.*hinge"),
+        ({"rule_options": {"feedback": "random"}}, r"unknown feedback.*fixed"),
+        ({"rule_options": {"temperature": 0.1}},
+         r"unknown ContrastiveOptions key\(s\) 'temperature'; valid keys: b_l2, f"),
+        ({"rule": "bp-infonce", "rule_options": {"proj_dim": 0}}, r"rule_options of bp-infonce: proj_dim must be >= 1"),
         ({"batch_size": 1}, "at least 2 images"),
         ({"grids": [8, 4, 4, 3, 2, 2]}, r"at 32px input: block 4: grid 3 does not fit its 8x8 map .*\[1, 2, 4, 8\]"),
         ({"grids": [8, 4]}, "2 entries but encoder vgg6 has 6 blocks"),
@@ -56,12 +59,13 @@ def test_wrong_type_names_the_key():
         ({"mean": [0.5, 0.5, 0.5]}, "mean and std go together"),
         ({"mean": [0.5], "std": [0.2]}, "1 values but the images have 3 channel"),
         ({"mean": [0.5] * 3, "std": [0.2, 0.0, 0.2]}, "std must be > 0"),
-        ({"f": "linear"}, "b_l2"),
+        ({"rule_options": {"f": "linear"}}, "b_l2"),
         ({"lr": 0}, "lr must be > 0"),
         # nan and inf parse as floats and pass `> 0`; lr inf or 1e38 gives finite losses at step 1 and inf weights.
         ({"lr": float("inf")}, r"lr must be a finite number, got inf"),
         ({"lr": 1e38}, r"lr must be <= 1\.0"),
-        ({"temperature": float("nan")}, r"temperature must be a finite number, got nan"),
+        ({"rule": "bp-infonce", "rule_options": {"temperature": float("nan")}},
+         r"temperature must be a finite number, got nan"),
         ({"width": float("nan")}, "width must be a finite number"),
         ({"weight_decay": float("inf")}, "weight_decay must be a finite number"),
         ({"crop_scale": [float("nan"), 1.0]}, "crop_scale must be a finite number"),
@@ -150,7 +154,7 @@ def test_probe_config_refuses_non_finite_numbers():
 
 
 def test_nan_from_the_command_line_is_refused_without_lr_advice(tmp_path, capsys):
-    rc = main(["train", "--temperature", "nan", "--out", str(tmp_path / "r")])
+    rc = main(["train", "--rule", "bp-infonce", "--rule-opt", "temperature=nan", "--out", str(tmp_path / "r")])
     err = capsys.readouterr().err
     assert rc == 2 and "temperature must be a finite number" in err and "--lr" not in err
     assert not (tmp_path / "r").exists()

@@ -39,18 +39,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from localssl.builder import options_for
 from localssl.engine.trainer import NonFiniteLossError, build_optimizer, train_step
 from localssl.models import build_encoder, split_into_blocks
 from localssl.rules import (
-    BP_COUNTERPART,
     CONTRASTIVE_F,
     FEEDBACK_KINDS,
     RULES,
-    SPATIAL_RULES,
     BPInfoNCE,
     Feedback,
     Group,
-    RuleOptions,
+    bp_counterpart,
     build_rule,
     contrastive_loss,
     spatial_pool,
@@ -58,10 +57,10 @@ from localssl.rules import (
 )
 
 RULE_NAMES = RULES.names()
-LOCAL_RULES = [n for n in RULE_NAMES if build_rule(n, [(4,)], RuleOptions(grids=[1])).local]
+LOCAL_RULES = [n for n in RULE_NAMES if build_rule(n, [(4,)], {}, grids=[1]).local]
 BP_RULES = [n for n in RULE_NAMES if n not in LOCAL_RULES]
 # Rules whose loss has a feedback matrix B (every rule but the InfoNCE family, whose head is a projection).
-FEEDBACK_RULES = [n for n in RULE_NAMES if not isinstance(build_rule(n, [(4,)], RuleOptions(grids=[1])), BPInfoNCE)]
+FEEDBACK_RULES = [n for n in RULE_NAMES if not isinstance(build_rule(n, [(4,)], {}, grids=[1]), BPInfoNCE)]
 N_IMAGES = 4  # B images -> 2B = 8 stacked views
 
 
@@ -124,8 +123,8 @@ def setup(rule_name: str, case: str = "vgg", seed: int = 0, **opts):
     torch.manual_seed(seed)
     enc, in_shape, grids = CASES[case]()
     shapes = enc.feature_shapes(in_shape)
-    options = RuleOptions(grids=grids if rule_name in SPATIAL_RULES else None, proj_dim=16, **opts)
-    rule = build_rule(rule_name, shapes, options)
+    # Small heads; each rule takes the options it has (a spatial rule pools to the case's grids, others ignore them).
+    rule = build_rule(rule_name, shapes, options_for(rule_name, {"proj_dim": 16, **opts}), grids=grids)
     return enc, rule, make_views(in_shape, seed)
 
 
@@ -169,15 +168,16 @@ def paper_backward(enc, rule, views) -> list[torch.Tensor]:
 
 def test_registry_names_and_counterparts():
     assert {"clapp++", "clapp++global", "clapp++dfb", "clapp++both", "bp-clapp++", "bp-infonce"} <= set(RULE_NAMES)
-    assert SPATIAL_RULES <= set(RULE_NAMES)
-    assert set(BP_RULES) >= {"bp-clapp++", "bp-infonce"} and set(LOCAL_RULES) >= set(BP_COUNTERPART)
-    for local, bp in BP_COUNTERPART.items():
+    assert set(BP_RULES) >= {"bp-clapp++", "bp-infonce"}
+    counterparts = {n: bp_counterpart(n) for n in RULE_NAMES if bp_counterpart(n) is not None}
+    assert set(counterparts) >= {"clapp++", "clapp++global", "clapp++dfb", "clapp++both"}
+    for local, bp in counterparts.items():
         assert local in LOCAL_RULES and bp in BP_RULES
 
 
 def test_unknown_rule_name_lists_valid_names():
     with pytest.raises(KeyError) as e:
-        build_rule("clap++", [(4, 8, 8)], RuleOptions(grids=[1]))
+        build_rule("clap++", [(4, 8, 8)], {}, grids=[1])
     for name in RULE_NAMES:
         assert name in str(e.value)
 
@@ -440,7 +440,7 @@ def test_micro_batching_lowers_the_saved_activations():
 
     torch.manual_seed(0)
     enc = build_encoder("vgg6", width=1 / 8, in_channels=3)
-    rule = build_rule("clapp++global", enc.feature_shapes((3, 32, 32)), RuleOptions())
+    rule = build_rule("clapp++global", enc.feature_shapes((3, 32, 32)), {})
     views = make_views((3, 32, 32), n=16)
     params = list(enc.parameters()) + list(rule.parameters())
     peaks = {}
@@ -458,7 +458,7 @@ def test_micro_batching_refuses_batchnorm():
     seq = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
                         nn.Conv2d(4, 4, 3, padding=1), nn.ReLU())
     enc = split_into_blocks(seq, [3], name="bn")
-    rule = build_rule("clapp++global", enc.feature_shapes((3, 8, 8)), RuleOptions())
+    rule = build_rule("clapp++global", enc.feature_shapes((3, 8, 8)), {})
     views = make_views((3, 8, 8))
     with pytest.raises(ValueError, match="BatchNorm"):
         train_step(enc, rule, None, views, micro_batch=2)
@@ -607,15 +607,17 @@ def test_identity_feedback_with_mismatched_dims_raises(name):
 def test_bad_construction_raises():
     shapes = [(4, 8, 8), (6, 4, 4)]
     with pytest.raises(ValueError, match="grids"):
-        build_rule("clapp++", shapes, RuleOptions(grids=None))
+        build_rule("clapp++", shapes, {}, grids=None)
     with pytest.raises(ValueError, match="2 blocks"):
-        build_rule("clapp++", shapes, RuleOptions(grids=[4]))
+        build_rule("clapp++", shapes, {}, grids=[4])
     with pytest.raises(ValueError, match="does not fit"):
-        build_rule("clapp++", shapes, RuleOptions(grids=[4, 3]))
-    with pytest.raises(KeyError, match="hinge"):
-        build_rule("clapp++", shapes, RuleOptions(grids=[4, 2], f="hing"))
+        build_rule("clapp++", shapes, {}, grids=[4, 3])
+    with pytest.raises(ValueError, match="rule_options of clapp\\+\\+: unknown f 'hing'; valid: hinge"):
+        build_rule("clapp++", shapes, {"f": "hing"}, grids=[4, 2])
+    with pytest.raises(ValueError, match="unknown ContrastiveOptions key.*'proj_dim'"):
+        build_rule("clapp++", shapes, {"proj_dim": 8}, grids=[4, 2])
     with pytest.raises(ValueError, match="trainable"):
-        build_rule("clapp++", shapes, RuleOptions(grids=[4, 2], feedback="dfa"))
+        build_rule("clapp++", shapes, {"feedback": "dfa"}, grids=[4, 2])
 
 
 def test_dfb_loss_needs_top():
@@ -632,9 +634,9 @@ def test_clapp_variants_losses_by_hand():
     torch.manual_seed(0)
     enc, in_shape, grids = _tail()
     shapes = enc.feature_shapes(in_shape)
-    both = build_rule("clapp++both", shapes, RuleOptions(grids=grids))
-    same = build_rule("clapp++", shapes, RuleOptions(grids=grids))
-    dfb = build_rule("clapp++dfb", shapes, RuleOptions(grids=grids))
+    both = build_rule("clapp++both", shapes, {}, grids=grids)
+    same = build_rule("clapp++", shapes, {}, grids=grids)
+    dfb = build_rule("clapp++dfb", shapes, {}, grids=grids)
     same.same.load_state_dict(both.same.state_dict())
     dfb.top.load_state_dict(both.top.state_dict())
     views = make_views(in_shape)
@@ -716,7 +718,7 @@ def test_three_factor_rule_linear_layer(f):
     """h = relu(W x + b): autograd's dW, db, dB equal the explicit local rule (float64)."""
     torch.manual_seed(0)
     d_in, d = 5, 6
-    rule = build_rule("clapp++global", [(d,)], RuleOptions(f=f)).double()
+    rule = build_rule("clapp++global", [(d,)], {"f": f}).double()
     with torch.no_grad():
         rule.same[0].weight.mul_(2.0)  # scores of order 1: both sides of the hinge kinks occur
     bmat = rule.same[0].weight
@@ -751,7 +753,7 @@ def test_three_factor_rule_conv_layer(f, grid):
     torch.manual_seed(0)
     c_in, c_out, s = 2, 3, 4
     k = s // grid
-    rule = build_rule("clapp++", [(c_out, s, s)], RuleOptions(f=f, grids=[grid])).double()
+    rule = build_rule("clapp++", [(c_out, s, s)], {"f": f}, grids=[grid]).double()
     with torch.no_grad():
         rule.same[0].weight.mul_(k)  # scores of order 1-7
     bmat = rule.same[0].weight
@@ -783,7 +785,7 @@ def test_three_factor_rule_conv_layer(f, grid):
 def test_three_factor_check_sees_a_wrong_sign():
     """Negative control: flipping gamma_neg (or letting gradient through c) breaks the equality."""
     torch.manual_seed(0)
-    rule = build_rule("clapp++global", [(6,)], RuleOptions(f="softplus")).double()
+    rule = build_rule("clapp++global", [(6,)], {"f": "softplus"}).double()
     bmat = rule.same[0].weight.detach()
     x = _views64((5,), 1)
     w = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
@@ -816,7 +818,7 @@ def test_bp_infonce_loss_by_hand(temperature):
     (rows = view 1, METHODS 2.3, the reference's loss); bp-infonce-sym averages both directions."""
     torch.manual_seed(0)
     c, s = 6, 2
-    rule = build_rule("bp-infonce", [(c, s, s)], RuleOptions(temperature=temperature, proj_dim=5))
+    rule = build_rule("bp-infonce", [(c, s, s)], {"temperature": temperature, "proj_dim": 5})
     assert rule.group_parameters(0) == [rule.projection.weight] and rule.projection.bias is None
     h = make_views((c, s, s), seed=3)
     p = h.mean(dim=(2, 3)) @ rule.projection.weight.T
@@ -833,6 +835,6 @@ def test_bp_infonce_loss_by_hand(temperature):
     l12 = sum(-math.log(math.exp(lg[i][i]) / sum(math.exp(lg[i][j]) for j in range(b))) for i in range(b)) / b
     l21 = sum(-math.log(math.exp(lg[j][j]) / sum(math.exp(lg[i][j]) for i in range(b))) for j in range(b)) / b
     assert got.item() == pytest.approx(l12, rel=1e-5)
-    sym = build_rule("bp-infonce-sym", [(c, s, s)], RuleOptions(temperature=temperature, proj_dim=5))
+    sym = build_rule("bp-infonce-sym", [(c, s, s)], {"temperature": temperature, "proj_dim": 5})
     sym.load_state_dict(rule.state_dict())
     assert sym.loss(0, h).item() == pytest.approx(0.5 * (l12 + l21), rel=1e-5)

@@ -16,7 +16,6 @@ from localssl.atomic import temp_path
 from localssl.config import ConfigError, TrainConfig, load_yaml, replace
 from localssl.data.base import ArraySource, Plan
 from localssl.data.cache import write_entry
-from localssl.engine import trainer as trainer_mod
 from localssl.engine.checkpoint import CHECKPOINT, load_checkpoint
 from localssl.engine.rundir import LOCK, RunFolderLock
 from localssl.engine.trainer import train
@@ -80,19 +79,18 @@ def test_second_run_on_a_locked_folder_fails_at_once_and_writes_nothing(tmp_path
     assert load_checkpoint(run / CHECKPOINT)["step"] == 1
 
 
-def test_the_lock_is_held_for_the_whole_run_and_released_after(tmp_path, monkeypatch):
+def test_the_lock_is_held_for_the_whole_run_and_released_after(tmp_path, route_steps, monkeypatch):
     run = tmp_path / "run"
-    real_step = trainer_mod.train_step
     refused = []
 
-    def step_and_try_the_lock(*a, **kw):
+    def step_and_try_the_lock(real_step, *a, **kw):
         try:
             RunFolderLock(run).acquire()
         except ConfigError as e:
             refused.append(str(e))
         return real_step(*a, **kw)
 
-    monkeypatch.setattr(trainer_mod, "train_step", step_and_try_the_lock)
+    route_steps(step_and_try_the_lock)
     train(tiny_cfg(run, max_steps=2))
     assert len(refused) == 2 and f"pid {os.getpid()}" in refused[0]
     with RunFolderLock(run):
@@ -114,23 +112,22 @@ def test_empty_out_is_refused():
         train(tiny_cfg("", max_steps=1))
 
 
-def test_new_run_starts_over_an_attempt_that_never_checkpointed(tmp_path, monkeypatch):
+def test_new_run_starts_over_an_attempt_that_never_checkpointed(tmp_path, route_steps, monkeypatch):
     """What a run killed before its first checkpoint leaves (config, metrics, lock) is not a run."""
     run = tmp_path / "run"
-    real_step = trainer_mod.train_step
     calls = {"n": 0}
 
-    def dying_step(*a, **kw):
+    def dying_step(real_step, *a, **kw):
         calls["n"] += 1
         if calls["n"] == 2:
             raise SystemExit("killed")
         return real_step(*a, **kw)
 
-    monkeypatch.setattr(trainer_mod, "train_step", dying_step)
+    route_steps(dying_step)
     with pytest.raises(SystemExit):
         train(tiny_cfg(run, max_steps=4))
     assert not (run / CHECKPOINT).exists() and (run / "metrics.jsonl").exists()
-    monkeypatch.setattr(trainer_mod, "train_step", real_step)
+    route_steps(None)
     train(tiny_cfg(run, max_steps=2))
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2]

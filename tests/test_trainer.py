@@ -33,26 +33,25 @@ def _weights(run_dir):
 
 
 @pytest.mark.parametrize("rule", ["clapp++", "bp-infonce"])
-def test_resume_mid_epoch_matches_uninterrupted(tmp_path, monkeypatch, rule):
+def test_resume_mid_epoch_matches_uninterrupted(tmp_path, route_steps, monkeypatch, rule):
     """A crash after step 4 (last checkpoint: step 3, mid-epoch) + --resume == one clean run."""
     clean = train(tiny_cfg(tmp_path, rule=rule, out=str(tmp_path / "clean")))
 
-    real_step = trainer_mod.train_step
     calls = {"n": 0}
 
-    def crashing_step(*a, **kw):
+    def crashing_step(real_step, *a, **kw):
         calls["n"] += 1
         if calls["n"] == 5:
             raise KeyboardInterrupt("simulated stop")
         return real_step(*a, **kw)
 
-    monkeypatch.setattr(trainer_mod, "train_step", crashing_step)
+    route_steps(crashing_step)
     cfg = tiny_cfg(tmp_path, rule=rule, out=str(tmp_path / "crashed"))
     with pytest.raises(KeyboardInterrupt):
         train(cfg)
     state = load_checkpoint(tmp_path / "crashed" / CHECKPOINT)
     assert state["step"] == 3  # 6 steps per epoch: the stop was mid-epoch
-    monkeypatch.setattr(trainer_mod, "train_step", real_step)
+    route_steps(None)
     resumed = train(cfg, resume=True)
 
     a, b = _weights(clean), _weights(resumed)
@@ -171,17 +170,18 @@ def test_micro_batch_reaches_the_step_and_may_change_on_resume(tmp_path, monkeyp
     the gradients and updates is in test_rules.py).
     """
     seen = []
-    real_step = trainer_mod.train_step
+    real_build = trainer_mod.build_step
 
     def spy(*a, **kw):
-        seen.append(kw.get("micro_batch"))
-        return real_step(*a, **kw)
+        step = real_build(*a, **kw)
+        seen.append(getattr(step, "micro_batch", None))
+        return step
 
-    monkeypatch.setattr(trainer_mod, "train_step", spy)
+    monkeypatch.setattr(trainer_mod, "build_step", spy)
     plain = train(tiny_cfg(tmp_path, out=str(tmp_path / "plain"), max_steps=2))
     train(tiny_cfg(tmp_path, out=str(tmp_path / "mb"), max_steps=2, micro_batch=5))
     chunked = train(tiny_cfg(tmp_path, out=str(tmp_path / "mb"), max_steps=3, micro_batch=12), resume=True)
-    assert seen == [None, None, 5, 5, 12]
+    assert seen == [None, 5, 12]  # one step object per run
     first = [json.loads((r / "metrics.jsonl").read_text().splitlines()[0]) for r in (plain, chunked)]
     losses = [[v for k, v in row.items() if k.startswith("loss_")] for row in first]
     assert len(losses[0]) == 6
@@ -256,13 +256,12 @@ def test_retain_freed_memory_is_a_resumable_option(tmp_path, monkeypatch):
     assert "allocator" in load_checkpoint(run / CHECKPOINT)["env"]
 
 
-def test_nonfinite_weights_stop_before_the_checkpoint(tmp_path, monkeypatch):
+def test_nonfinite_weights_stop_before_the_checkpoint(tmp_path, route_steps, monkeypatch):
     """Step 6's losses finite, its update overflowed (as with a huge lr): the checkpoint due after it is not
     written over step 3's, and the error says why."""
-    real_step = trainer_mod.train_step
     calls = {"n": 0}
 
-    def overflowing_step(encoder, *a, **kw):
+    def overflowing_step(real_step, encoder, *a, **kw):
         losses = real_step(encoder, *a, **kw)
         calls["n"] += 1
         if calls["n"] == 6:
@@ -270,7 +269,7 @@ def test_nonfinite_weights_stop_before_the_checkpoint(tmp_path, monkeypatch):
                 next(encoder.parameters()).fill_(float("inf"))
         return losses
 
-    monkeypatch.setattr(trainer_mod, "train_step", overflowing_step)
+    route_steps(overflowing_step)
     with pytest.raises(trainer_mod.NonFiniteWeightsError,
                        match=r"after step 6 the weights are not finite \(blocks\.0\..*last good checkpoint is kept"):
         train(tiny_cfg(tmp_path, max_steps=7))

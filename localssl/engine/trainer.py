@@ -32,19 +32,18 @@ from torch import nn
 from tqdm import tqdm
 
 from localssl.atomic import atomic_file
+from localssl.builder import build_model, build_optimizer, build_step, build_views, resolve
 from localssl.config import (
     ConfigError,
     TrainConfig,
     check_normalization,
-    check_shapes,
-    rule_options,
+    from_dict,
     save_yaml,
     to_dict,
     validate_train,
 )
 from localssl.config import replace as replace_config
 from localssl.data import dataset_spec, load_dataset
-from localssl.data.augment import SimCLRViews
 from localssl.engine.checkpoint import CHECKPOINT, ENCODER, load_checkpoint, rng_state, save_atomic, set_rng_state
 from localssl.engine.metrics import MetricLog
 from localssl.engine.rundir import prepare_run_folder
@@ -57,8 +56,8 @@ from localssl.engine.runtime import (
     set_deterministic,
 )
 from localssl.engine.step import NonFiniteLossError, batch_coupling_modules, some_names, train_step
-from localssl.models import BlockEncoder, build_encoder, resolve_encoder_options
-from localssl.rules import Rule, build_rule
+from localssl.models import resolve_encoder_options
+from localssl.rules import resolve_rule_options
 
 
 class NonFiniteWeightsError(NonFiniteLossError):
@@ -84,21 +83,7 @@ RESUMABLE_CHANGES = {"epochs", "max_steps", "micro_batch", "progress", "checkpoi
                      "threads", "retain_freed_memory", "out"}
 # Options whose default depends on the data; a run saves them resolved, and
 # leaving one unset on resume means "the run's".
-RESOLVED_AT_START = ("grids", "mean", "std", "encoder_options")
-
-
-def _fused_ok(params: list[torch.nn.Parameter]) -> bool:
-    """Fused AdamW: one kernel over all tensors. On CPU it made CLAPP++'s step
-    ~25% faster (its 12.6M-parameter B matrices at width 0.25); it needs
-    floating-point parameters on CPU or CUDA."""
-    return bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
-
-
-def build_optimizer(encoder: BlockEncoder, rule: Rule, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    """One AdamW over every trainable parameter: all blocks and the rule's own (B, heads)."""
-    params = [p for p in encoder.parameters() if p.requires_grad]
-    params += [p for g in range(len(rule.groups())) for p in rule.group_parameters(g)]
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=_fused_ok(params))
+RESOLVED_AT_START = ("grids", "mean", "std", "encoder_options", "rule_options")
 
 
 def _load_images(cfg: TrainConfig):
@@ -188,7 +173,8 @@ def _train(cfg: TrainConfig, resume: bool, out: Path) -> Path:
                 f"{ckpt_path} holds no 'optimizer' entry (written by an earlier localssl, which kept one optimizer "
                 "per group); it cannot be resumed by this version: its weights still load for `localssl probe`"
             )
-        saved = state["config"]
+        # Through TrainConfig: a checkpoint of an earlier version has its rule options as top-level keys.
+        saved = to_dict(from_dict(TrainConfig, state["config"]))
         cfg = replace_config(cfg, **{k: saved[k] for k in RESOLVED_AT_START
                                      if getattr(cfg, k) is None and saved.get(k) is not None})
         if cfg.encoder == saved.get("encoder") and cfg.encoder_options and saved.get("encoder_options"):
@@ -196,6 +182,9 @@ def _train(cfg: TrainConfig, resume: bool, out: Path) -> Path:
             # compare as the typed values the run saved ("true" from the command line is True).
             cfg = replace_config(cfg, encoder_options=resolve_encoder_options(
                 cfg.encoder, {**saved["encoder_options"], **cfg.encoder_options}, None))
+        if cfg.rule == saved.get("rule") and cfg.rule_options and saved.get("rule_options"):
+            cfg = replace_config(cfg, rule_options=resolve_rule_options(
+                cfg.rule, {**saved["rule_options"], **cfg.rule_options}))
         diff = {k: (saved[k], v) for k, v in to_dict(cfg).items() if k not in RESUMABLE_CHANGES and saved.get(k) != v}
         if diff:
             raise ConfigError(
@@ -216,12 +205,9 @@ def _train(cfg: TrainConfig, resume: bool, out: Path) -> Path:
     # The run's config as used: grids fitted to this input size, the normalisation of
     # these images, the encoder's options with their size-dependent choices made (ResNet's
     # stem); probe and align read them back from config.yaml / the checkpoint.
-    grids = check_shapes(cfg, spec.image_size, spec.channels)
-    cfg = replace_config(cfg, grids=grids, mean=list(spec.mean), std=list(spec.std),
-                         encoder_options=resolve_encoder_options(cfg.encoder, cfg.encoder_options, spec.image_size))
-    encoder = build_encoder(cfg.encoder, cfg.width, spec.channels, cfg.encoder_options)
-    shapes = encoder.feature_shapes((spec.channels, spec.image_size, spec.image_size))
-    rule = build_rule(cfg.rule, shapes, rule_options(cfg))
+    cfg = resolve(cfg, spec.channels, spec.image_size, spec.mean, spec.std)
+    model = build_model(cfg, spec.channels, spec.image_size)
+    encoder, rule = model.encoder, model.rule
     mf = torch.channels_last if cfg.channels_last else torch.contiguous_format
     coupled = batch_coupling_modules(encoder) if cfg.micro_batch is not None else []
     if coupled:  # train_step would refuse it too; say so before any data is touched
@@ -229,13 +215,13 @@ def _train(cfg: TrainConfig, resume: bool, out: Path) -> Path:
     encoder.to(device, memory_format=mf)
     rule.to(device)
     optimizer = build_optimizer(encoder, rule, cfg.lr, cfg.weight_decay)
-    crop = tuple(cfg.crop_scale) if cfg.crop_scale else spec.crop_scale
-    augment = SimCLRViews(spec.image_size, spec.mean, spec.std, crop_scale=crop).to(device)
+    augment = build_views(cfg, spec.image_size, spec.mean, spec.std, spec.crop_scale, device)
     batches = _Batches(data.images, cfg.batch_size, cfg.seed, device)
     if batches.steps_per_epoch == 0:
         raise ConfigError(f"{len(data)} images make no batch of {cfg.batch_size}")
     # --max-steps overrides --epochs (it may end mid-epoch, or run past epochs * steps per epoch).
     total = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * batches.steps_per_epoch
+    step_fn = build_step(cfg, rule, total)
     if state is not None and int(state["step"]) >= total:
         # Refused before anything in the folder is rewritten: the command asked for training and would do none.
         length = (f"--max-steps {cfg.max_steps}" if cfg.max_steps is not None
@@ -305,8 +291,7 @@ def _train(cfg: TrainConfig, resume: bool, out: Path) -> Path:
             x = batches.batch(epoch, i)
             views = augment(x)
             try:
-                losses = train_step(encoder, rule, optimizer, views, device=device, amp_dtype=amp_dtype,
-                                    micro_batch=cfg.micro_batch)
+                losses = step_fn(encoder, rule, optimizer, views, step, device=device, amp_dtype=amp_dtype)
             except NonFiniteLossError as e:
                 raise NonFiniteLossError(
                     f"{e} in step {step + 1} (epoch {epoch + 1}); stopped. The last good checkpoint is kept at "
@@ -316,13 +301,14 @@ def _train(cfg: TrainConfig, resume: bool, out: Path) -> Path:
             window_imgs += x.shape[0]
             imgs_total += x.shape[0]
             if step % cfg.log_every == 0 or step == total:
-                vals = [float(v) for v in losses]
+                # A group that did not train this step (sequential schedule) logs null.
+                vals = {g: None if v is None else float(v) for g, v in enumerate(losses)}
                 now = time.perf_counter()
                 ips = window_imgs / max(now - window_t, 1e-9)
                 window_t, window_imgs = now, 0
-                last_loss = sum(vals)
+                last_loss = sum(v for v in vals.values() if v is not None)
                 row = {"step": step, "epoch": step / batches.steps_per_epoch, "loss": last_loss,
-                       **{f"loss_{g + 1}": v for g, v in enumerate(vals)}, "images_per_s": ips}
+                       **{f"loss_{g + 1}": v for g, v in vals.items()}, "images_per_s": ips}
                 log.log(row)
                 bar.set_postfix(loss=f"{last_loss:.4f}", img_s=f"{ips:.0f}")
             bar.update(1)

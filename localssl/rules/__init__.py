@@ -1,20 +1,19 @@
 """Learning rules by name.
 
-``RULES`` maps a name to a factory ``(feature_shapes, options) -> Rule``.
-Adding a rule means registering one more factory; the trainer never sees
-rule names.
+`RULES` maps a name to a registered rule (`localssl.rules.registry`): its
+factory, the dataclass of its options and its end-to-end counterpart. A rule
+registers itself next to its code; the trainer never sees rule names.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
-
-from localssl.registry import Registry
+from localssl.rules import bp, clapp  # noqa: F401  (registers the rules)
 from localssl.rules.base import FEEDBACK_KINDS, Group, Rule, RuleOptions, check_groups
-from localssl.rules.bp import BPInfoNCE
-from localssl.rules.clapp import BPCLAPPPlusPlus, CLAPPPlusPlus, Feedback
+from localssl.rules.bp import BPInfoNCE, InfoNCEOptions
+from localssl.rules.clapp import BPCLAPPPlusPlus, CLAPPPlusPlus, ContrastiveOptions, Feedback
 from localssl.rules.losses import (
     CONTRASTIVE_F,
     INFONCE_LOSSES,
+    barlow_twins,
     contrastive_loss,
     info_nce,
     info_nce_symmetric,
@@ -22,43 +21,14 @@ from localssl.rules.losses import (
     scores,
     spatial_pool,
     swap_views,
+    vicreg,
 )
-
-RULES: Registry = Registry("rule")
-
-#: Rules that pool to the encoder's reference grids by default.
-SPATIAL_RULES = {"clapp++", "clapp++dfb", "clapp++both"}
-
-RULES.register("clapp++")(lambda shapes, opt: CLAPPPlusPlus(shapes, opt, context="same", spatial=True))
-RULES.register("clapp++global")(lambda shapes, opt: CLAPPPlusPlus(shapes, opt, context="same", spatial=False))
-RULES.register("clapp++dfb")(lambda shapes, opt: CLAPPPlusPlus(shapes, opt, context="top", spatial=True))
-RULES.register("clapp++both")(lambda shapes, opt: CLAPPPlusPlus(shapes, opt, context="both", spatial=True))
-RULES.register("bp-clapp++")(BPCLAPPPlusPlus)
-# METHODS 2.3: the reference's one-direction InfoNCE is *the* BP baseline;
-# the other two are different losses and keep their own names.
-RULES.register("bp-infonce")(lambda shapes, opt: BPInfoNCE(shapes, opt, loss="infonce"))
-RULES.register("bp-infonce-sym")(lambda shapes, opt: BPInfoNCE(shapes, opt, loss="infonce-symmetric"))
-RULES.register("bp-ntxent")(lambda shapes, opt: BPInfoNCE(shapes, opt, loss="nt-xent"))
-
-#: The end-to-end rule whose gradient a local rule is compared with
-#: (gradient alignment, METHODS 3).
-BP_COUNTERPART = {
-    "clapp++": "bp-clapp++",
-    "clapp++global": "bp-clapp++",
-    "clapp++dfb": "bp-clapp++",
-    "clapp++both": "bp-clapp++",
-}
-
-
-def build_rule(name: str, feature_shapes: Sequence[tuple[int, ...]], options: RuleOptions | None = None) -> Rule:
-    """Build a registered rule for an encoder whose blocks output ``feature_shapes``."""
-    factory = RULES.get(name)
-    return factory(list(feature_shapes), options or RuleOptions())
-
+from localssl.rules.registry import RULES, bp_counterpart, build_rule, register_rule, resolve_rule_options, rule_options
 
 __all__ = [
-    "RULES", "SPATIAL_RULES", "BP_COUNTERPART", "FEEDBACK_KINDS", "Group", "Rule", "RuleOptions", "build_rule",
-    "check_groups",
-    "CLAPPPlusPlus", "BPCLAPPPlusPlus", "BPInfoNCE", "Feedback", "CONTRASTIVE_F", "contrastive_loss",
-    "info_nce", "info_nce_symmetric", "nt_xent", "INFONCE_LOSSES", "scores", "spatial_pool", "swap_views",
+    "RULES", "FEEDBACK_KINDS", "Group", "Rule", "RuleOptions", "build_rule", "check_groups", "register_rule",
+    "rule_options", "resolve_rule_options", "bp_counterpart",
+    "CLAPPPlusPlus", "BPCLAPPPlusPlus", "ContrastiveOptions", "BPInfoNCE", "InfoNCEOptions", "Feedback",
+    "CONTRASTIVE_F", "contrastive_loss", "info_nce", "info_nce_symmetric", "nt_xent", "barlow_twins", "vicreg",
+    "INFONCE_LOSSES", "scores", "spatial_pool", "swap_views",
 ]

@@ -12,7 +12,7 @@ crosses below a group's first block.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -65,25 +65,19 @@ def check_groups(groups: Sequence[Group], num_blocks: int) -> None:
 
 @dataclass
 class RuleOptions:
-    """Options shared by the rules (each rule reads the ones it uses).
+    """Base of a rule's own options: one small dataclass per rule family (STYLE principle 11).
 
-    f: the decreasing loss function of METHODS 2 (hinge, softplus/logistic,
-       linear, type1).
-    feedback: B^l trainable, identity (Forward-Forward-like) or fixed random
-       (DFA-like).
-    grids: pooled grid side per block (METHODS 2.2); None takes the
-       encoder's reference grids for spatial rules.
-    b_l2: L2 penalty on B (needed by the linear f).
-    temperature, proj_dim: InfoNCE's temperature and projection width.
+    Options come from YAML (``rule_options: {f: softplus}``) or the command
+    line (``--rule-opt f=softplus``) and are typed and checked by the rule's
+    dataclass (`localssl.rules.registry.rule_options`): an unknown key lists
+    the valid ones. ``check`` catches impossible values before training.
     """
 
-    f: str = "hinge"
-    feedback: str = "trainable"
-    grids: list[int] | None = None
-    b_l2: float = 0.0
-    temperature: float = 0.1
-    proj_dim: int = 1024
-    extra: dict = field(default_factory=dict)
+    def check(self) -> None:
+        """Raise ``ValueError`` naming the option for a value that cannot work."""
+
+    def check_training(self) -> None:
+        """Raise ``ValueError`` for values that define a loss but cannot be trained on (checked by `train`)."""
 
 
 class Rule(nn.Module):
@@ -101,11 +95,18 @@ class Rule(nn.Module):
     needs_top_context: bool = False
     #: Smallest number of images per batch for which the loss is defined.
     min_batch: int = 2
+    #: How the groups train: all every step ("simultaneous") or one after the other ("sequential",
+    #: `localssl.engine.step.SequentialStep`).
+    schedule: str = "simultaneous"
 
-    def __init__(self, feature_shapes: Sequence[tuple[int, ...]], options: RuleOptions) -> None:
+    def __init__(self, feature_shapes: Sequence[tuple[int, ...]], options: RuleOptions | None = None,
+                 grids: Sequence[int] | None = None) -> None:
+        """``feature_shapes``: every block's output shape (C, H, W) or (D,); ``grids``: the run's pooling
+        grid per block (METHODS 2.2), which a rule that pools its loss spatially uses and others ignore."""
         super().__init__()
         self.feature_shapes = [tuple(s) for s in feature_shapes]
-        self.options = options
+        self.options = options if options is not None else RuleOptions()
+        self.run_grids = None if grids is None else [int(g) for g in grids]
 
     @property
     def num_blocks(self) -> int:

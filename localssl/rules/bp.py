@@ -2,12 +2,28 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from localssl.rules.base import Rule, RuleOptions
 from localssl.rules.losses import INFONCE_LOSSES, spatial_pool
+from localssl.rules.registry import register_rule
+
+
+@dataclass
+class InfoNCEOptions(RuleOptions):
+    """temperature: of the cosine logits (0.1, METHODS 2.3); proj_dim: width of the linear projection (1024)."""
+
+    temperature: float = 0.1
+    proj_dim: int = 1024
+
+    def check(self) -> None:
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.proj_dim < 1:
+            raise ValueError(f"proj_dim must be >= 1, got {self.proj_dim}")
 
 
 class BPInfoNCE(Rule):
@@ -22,10 +38,13 @@ class BPInfoNCE(Rule):
     """
 
     local = False
+    options: InfoNCEOptions
 
-    def __init__(self, feature_shapes: Sequence[tuple[int, ...]], options: RuleOptions,
-                 loss: str = "infonce") -> None:
-        super().__init__(feature_shapes, options)
+    def __init__(self, feature_shapes: Sequence[tuple[int, ...]], options: InfoNCEOptions | None = None,
+                 grids: Sequence[int] | None = None, loss: str = "infonce") -> None:
+        super().__init__(feature_shapes, options or InfoNCEOptions(), grids)
+        options = self.options
+        options.check()
         self.loss_fn = INFONCE_LOSSES.get(loss)
         self.loss_name = loss
         c = int(self.feature_shapes[-1][0])
@@ -44,3 +63,11 @@ class BPInfoNCE(Rule):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, loss={self.loss_name}"
+
+
+# METHODS 2.3: the reference's one-direction InfoNCE is *the* BP baseline;
+# the other two are different losses and keep their own names.
+register_rule("bp-infonce", InfoNCEOptions)(lambda shapes, opt, grids: BPInfoNCE(shapes, opt, grids, loss="infonce"))
+register_rule("bp-infonce-sym", InfoNCEOptions)(
+    lambda shapes, opt, grids: BPInfoNCE(shapes, opt, grids, loss="infonce-symmetric"))
+register_rule("bp-ntxent", InfoNCEOptions)(lambda shapes, opt, grids: BPInfoNCE(shapes, opt, grids, loss="nt-xent"))

@@ -13,12 +13,42 @@ context c^l, the score is u = z^l . (B^l c^l) and the loss f(u_pos, u_neg).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from localssl.rules.base import FEEDBACK_KINDS, Rule, RuleOptions
 from localssl.rules.losses import CONTRASTIVE_F, contrastive_loss, spatial_pool, swap_views
+from localssl.rules.registry import register_rule
+
+
+@dataclass
+class ContrastiveOptions(RuleOptions):
+    """Options of the CLAPP++ family (METHODS 2).
+
+    f: the decreasing loss function (hinge, softplus/logistic, linear, type1).
+    feedback: B^l trainable, identity (Forward-Forward-like) or fixed random
+       (DFA-like).
+    b_l2: L2 penalty on B (needed by the linear f, which is unbounded below).
+    """
+
+    f: str = "hinge"
+    feedback: str = "trainable"
+    b_l2: float = 0.0
+
+    def check(self) -> None:
+        if self.f not in CONTRASTIVE_F:
+            raise ValueError(f"unknown f {self.f!r}; valid: {', '.join(CONTRASTIVE_F.names())}")
+        if self.feedback not in FEEDBACK_KINDS:
+            raise ValueError(f"unknown feedback {self.feedback!r}; valid: {', '.join(FEEDBACK_KINDS)}")
+        if not self.b_l2 >= 0:
+            raise ValueError(f"b_l2 must be >= 0, got {self.b_l2}")
+
+    def check_training(self) -> None:
+        # One loss evaluation is fine (the exactness tests take one), but training drives B to infinity.
+        if self.f == "linear" and self.b_l2 == 0 and self.feedback == "trainable":
+            raise ValueError("f=linear is unbounded below with a trainable B: set b_l2 > 0 (e.g. 1e-3)")
 
 
 class Feedback(nn.Module):
@@ -69,24 +99,28 @@ class CLAPPPlusPlus(Rule):
 
     local = True
 
+    options: ContrastiveOptions
+
     def __init__(
         self,
         feature_shapes: Sequence[tuple[int, ...]],
-        options: RuleOptions,
+        options: ContrastiveOptions | None = None,
+        grids: Sequence[int] | None = None,
         context: str = "same",
         spatial: bool = True,
     ) -> None:
-        super().__init__(feature_shapes, options)
+        super().__init__(feature_shapes, options or ContrastiveOptions(), grids)
+        options = self.options
+        options.check()
         if context not in ("same", "top", "both"):
             raise ValueError(f"unknown context {context!r}; valid: same, top, both")
-        CONTRASTIVE_F.get(options.f)  # fail early on an unknown f
         self.context_source = context  # same, top or both
         self.needs_top_context = context in ("top", "both")
         n = self.num_blocks
         if spatial:
-            if options.grids is None:
+            if self.run_grids is None:
                 raise ValueError("spatial CLAPP++ needs pooling grids (one per block)")
-            grids = list(options.grids)
+            grids = list(self.run_grids)
             if len(grids) != n:
                 raise ValueError(f"{len(grids)} pooling grids given for an encoder of {n} blocks")
         else:
@@ -134,12 +168,14 @@ class BPCLAPPPlusPlus(Rule):
     """BP-CLAPP++ ("CPC-like"): the hinge loss at the top only, end-to-end (METHODS 2.3)."""
 
     local = False
+    options: ContrastiveOptions
 
-    def __init__(self, feature_shapes: Sequence[tuple[int, ...]], options: RuleOptions) -> None:
-        super().__init__(feature_shapes, options)
-        CONTRASTIVE_F.get(options.f)
+    def __init__(self, feature_shapes: Sequence[tuple[int, ...]], options: ContrastiveOptions | None = None,
+                 grids: Sequence[int] | None = None) -> None:
+        super().__init__(feature_shapes, options or ContrastiveOptions(), grids)
+        self.options.check()
         d = _pooled_dim(self.feature_shapes[-1], 1)
-        self.head = Feedback(d, d, options.feedback)
+        self.head = Feedback(d, d, self.options.feedback)
 
     def represent(self, g: int, h: torch.Tensor) -> torch.Tensor:
         return spatial_pool(h, 1)
@@ -152,3 +188,15 @@ class BPCLAPPPlusPlus(Rule):
 
     def group_parameters(self, g: int) -> list[nn.Parameter]:
         return [p for p in self.head.parameters() if p.requires_grad]
+
+
+# The family (METHODS 2, 2.3). Each local variant's gradient is compared with BP-CLAPP++'s.
+register_rule("clapp++", ContrastiveOptions, counterpart="bp-clapp++")(
+    lambda shapes, opt, grids: CLAPPPlusPlus(shapes, opt, grids, context="same", spatial=True))
+register_rule("clapp++global", ContrastiveOptions, counterpart="bp-clapp++")(
+    lambda shapes, opt, grids: CLAPPPlusPlus(shapes, opt, grids, context="same", spatial=False))
+register_rule("clapp++dfb", ContrastiveOptions, counterpart="bp-clapp++")(
+    lambda shapes, opt, grids: CLAPPPlusPlus(shapes, opt, grids, context="top", spatial=True))
+register_rule("clapp++both", ContrastiveOptions, counterpart="bp-clapp++")(
+    lambda shapes, opt, grids: CLAPPPlusPlus(shapes, opt, grids, context="both", spatial=True))
+register_rule("bp-clapp++", ContrastiveOptions)(BPCLAPPPlusPlus)

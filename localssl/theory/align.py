@@ -417,13 +417,12 @@ def align_run(
     by ``seed``) and B is fresh too, since trained B's belong to trained
     weights. Views are SimCLR views of the run's data set (pre-training split).
     """
-    from localssl.config import ConfigError, TrainConfig, from_dict, rule_options
+    from localssl.builder import build_model, build_views
+    from localssl.config import ConfigError, TrainConfig, from_dict
     from localssl.data import dataset_spec, load_dataset
-    from localssl.data.augment import SimCLRViews
     from localssl.engine.checkpoint import CHECKPOINT, load_checkpoint
     from localssl.engine.runtime import resolve_device
-    from localssl.models import build_encoder, default_grids
-    from localssl.rules import RULES, SPATIAL_RULES, build_rule
+    from localssl.rules import RULES
 
     t0 = time.perf_counter()
     if batches < 1 or batch_size < 2:
@@ -455,19 +454,13 @@ def align_run(
     data = load_images() if spec.image_size is None or cfg.resize is not None else None
     if data is not None:
         spec = spec.resolved(data)
-    input_shape = (spec.channels, spec.image_size, spec.image_size)
 
     torch.manual_seed(seed)
-    encoder = build_encoder(cfg.encoder, cfg.width, spec.channels, cfg.encoder_options, image_size=spec.image_size)
+    # The run's own grids and options (another rule keeps the options it shares with the run's).
+    model = build_model(cfg, spec.channels, spec.image_size, rule=name)
+    encoder, rule = model.encoder, model.rule
     if not random_init:
         encoder.load_state_dict(state["encoder"])
-    shapes = encoder.feature_shapes(input_shape)
-    grids = cfg.grids if cfg.grids is not None else (
-        default_grids(cfg.encoder, shapes=shapes) if name in SPATIAL_RULES else None)
-    try:
-        rule = build_rule(name, shapes, rule_options(cfg, grids))
-    except ValueError as e:
-        raise ConfigError(f"rule {name}: {e}") from None
     if not rule.local:
         why = "the run's rule" if rule_name is None else "rule"
         raise ConfigError(
@@ -484,9 +477,8 @@ def align_run(
     encoder.to(dev)
     rule.to(dev)
 
-    crop = tuple(cfg.crop_scale) if cfg.crop_scale else spec.crop_scale
     # The run's normalisation (saved since runs record it; imagefolder's is its own).
-    augment = SimCLRViews(spec.image_size, cfg.mean or spec.mean, cfg.std or spec.std, crop_scale=crop).to(dev)
+    augment = build_views(cfg, spec.image_size, cfg.mean or spec.mean, cfg.std or spec.std, spec.crop_scale, dev)
     gen = torch.Generator().manual_seed(seed)
     draw = _views_sampler(data.images, augment, batch_size, gen, dev)
     # Kornia draws its random parameters from the global generator.

@@ -8,8 +8,9 @@ from typing import Any
 
 import torch
 
-from localssl.models import BlockEncoder, build_encoder, default_grids
-from localssl.rules import SPATIAL_RULES, Rule, RuleOptions, build_rule
+from localssl.config import TrainConfig
+from localssl.models import BlockEncoder
+from localssl.rules import Rule
 
 DEFAULT_RULES = ("clapp++", "clapp++global", "bp-infonce")
 #: The end-to-end rule that speed and memory are compared with.
@@ -72,13 +73,12 @@ def build_state(
     micro_batch: int | None = None,
 ) -> BenchState:
     """Encoder + rule + AdamW (lr 2e-4, wd 0, METHODS 2.4), as `localssl train` builds them."""
-    from localssl.engine.trainer import build_optimizer
+    from localssl.builder import build_model, build_optimizer
 
     torch.manual_seed(seed)  # the same encoder init for every rule
-    encoder = build_encoder(encoder_name, width, 3, image_size=image_size)
-    shapes = encoder.feature_shapes((3, image_size, image_size))
-    grids = default_grids(encoder_name, shapes=shapes) if rule_name in SPATIAL_RULES else None
-    rule = build_rule(rule_name, shapes, RuleOptions(grids=grids))
+    cfg = TrainConfig(rule=rule_name, encoder=encoder_name, width=width)  # defaults: grids fitted to the size
+    model = build_model(cfg, 3, image_size)
+    encoder, rule = model.encoder, model.rule
     mf = torch.channels_last if channels_last else torch.contiguous_format
     encoder.to(device, memory_format=mf)
     rule.to(device)
