@@ -24,7 +24,7 @@ import importlib
 import importlib.util
 
 from localssl.data import cifar10, imagefolder, shapes, stl10, tinyimagenet
-from localssl.data.archive import UnsafeArchiveError, safe_extract
+from localssl.data.archive import UnsafeArchiveError
 from localssl.data.base import (
     DATASETS,
     DatasetError,
@@ -42,8 +42,10 @@ from localssl.data.base import (
     select_balanced,
 )
 from localssl.data.cache import default_cache_dir
-from localssl.data.cifar10 import CIFAR10_CLASSES, UnsafePickleError
+from localssl.data.cifar10 import CIFAR10_CLASSES
 from localssl.data.download import download_file
+from localssl.data.extract import safe_extract
+from localssl.data.safepickle import UnsafePickleError
 from localssl.data.shapes import SHAPES10_CLASSES, make_shapes10
 
 # mnist.py is written separately; import it when it is there (errors inside

@@ -7,9 +7,14 @@ array, channel-major (1024 red, then green, then blue values, rows first), and
 ``b'labels'`` a list of ints 0..9. ``batches.meta`` holds ``b'label_names'``.
 
 Pickles can run arbitrary code on load, and these come from the internet, so
-they go through `RestrictedUnpickler`, which resolves only the four globals
-that numpy array reconstruction needs and refuses everything else (naming the
-file and the global) before it can be called.
+they go through `localssl.data.safepickle`, which admits only what numpy and
+Python write for plain arrays and scalars (official Python 2 batches and
+Python 3 re-saves at protocols 2-5 alike) and refuses everything else,
+naming the file and the global, before it can be called.
+
+What a file can make us allocate is bounded by the format: a batch member or
+file over `BATCH_LIMIT` is refused before it is read, and a batch must hold
+1..`MAX_BATCH_IMAGES` images of exactly 3072 bytes with one label each.
 
 Where to look, in order, under ``root`` (``root`` may also be any of these itself):
 ``cifar-10-batches-py/``, ``cifar-10-python.tar.gz``, ``cifar10-jpeg.tar.gz``,
@@ -18,8 +23,6 @@ an image-folder tree ``cifar10/{train,test}/<class>/`` (or ``root/{train,test}``
 
 from __future__ import annotations
 
-import io
-import pickle
 from pathlib import Path
 from typing import Any
 
@@ -38,12 +41,9 @@ from localssl.data.base import (
     require_root,
 )
 from localssl.data.download import CIFAR10_PYTHON, fetch, not_found_message
+from localssl.data.files import SizeLimit, read_regular
 from localssl.data.imagefolder import tree_plan
-
-try:  # numpy >= 2 moved the module; old pickles still name numpy.core.multiarray
-    from numpy._core.multiarray import _reconstruct as _np_reconstruct
-except ImportError:  # pragma: no cover - numpy 1.x
-    from numpy.core.multiarray import _reconstruct as _np_reconstruct
+from localssl.data.safepickle import restricted_loads
 
 CIFAR10_CLASSES = [
     "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
@@ -59,51 +59,13 @@ FORMATS = (
 )
 
 
-class UnsafePickleError(DatasetError):
-    """A pickle asked for a global outside the allow-list."""
-
-
-class RestrictedUnpickler(pickle.Unpickler):
-    """Unpickles the official CIFAR batches and nothing that could run code.
-
-    ``find_class`` is the only door through which a pickle reaches callables
-    (``os.system`` in a ``__reduce__``, say). Only numpy's array
-    reconstruction passes: ``_reconstruct`` under its numpy 1 and numpy 2 module
-    names, ``numpy.ndarray`` and ``numpy.dtype``. The batches need no builtins:
-    dicts, lists, ints and strings have their own opcodes.
-    """
-
-    ALLOWED: dict[tuple[str, str], Any] = {
-        ("numpy.core.multiarray", "_reconstruct"): _np_reconstruct,
-        ("numpy._core.multiarray", "_reconstruct"): _np_reconstruct,
-        ("numpy", "ndarray"): np.ndarray,
-        ("numpy", "dtype"): np.dtype,
-    }
-
-    def __init__(self, file: io.BufferedIOBase, where: str) -> None:
-        # encoding="bytes": Python 2 str -> bytes, hence the b'data' keys, and
-        # numpy's raw array buffer stays bytes (latin1 would also work for numpy).
-        super().__init__(file, encoding="bytes")
-        self.where = where
-
-    def find_class(self, module: str, name: str) -> Any:
-        try:
-            return self.ALLOWED[(module, name)]
-        except KeyError:
-            raise UnsafePickleError(
-                f"{self.where}: refusing to unpickle global {module}.{name}; a CIFAR-10 batch only "
-                "contains numpy arrays, lists and strings"
-            ) from None
-
-
-def restricted_loads(data: bytes, where: str) -> Any:
-    """Unpickle ``data`` with `RestrictedUnpickler`; any failure names ``where``."""
-    try:
-        return RestrictedUnpickler(io.BytesIO(data), where).load()
-    except DatasetError:
-        raise
-    except Exception as e:  # UnpicklingError, EOFError, ValueError, ... on damaged files
-        raise DatasetError(f"{where}: not a readable CIFAR-10 pickle ({type(e).__name__}: {e})") from e
+#: The official batches hold 10,000 images each; a file claiming more is not a CIFAR-10 batch.
+MAX_BATCH_IMAGES = 10_000
+IMAGE_BYTES = 3 * 32 * 32
+#: The most bytes a batch (or batches.meta) file may have. A Python 3 re-save at protocol 2
+#: stores the pixel bytes as latin-1 text in UTF-8, up to 2 bytes per pixel byte; labels and
+#: file names of 10,000 images add ~0.3 MB (the official data_batch_1 is 31,035,704 bytes).
+BATCH_LIMIT = SizeLimit(2 * MAX_BATCH_IMAGES * IMAGE_BYTES + (4 << 20), "a CIFAR-10 batch of 10,000 images")
 
 
 def _str_keys(obj: Any, where: str) -> dict[str, Any]:
@@ -113,27 +75,38 @@ def _str_keys(obj: Any, where: str) -> dict[str, Any]:
 
 
 def parse_batch(data: bytes, where: str) -> tuple[np.ndarray, np.ndarray]:
-    """One official batch -> uint8 ``(N, 32, 32, 3)`` images and int64 labels."""
+    """One official batch -> uint8 ``(N, 32, 32, 3)`` images and int64 labels, 1 <= N <= `MAX_BATCH_IMAGES`."""
     d = _str_keys(restricted_loads(data, where), where)
     missing = [k for k in ("data", "labels") if k not in d]
     if missing:
         raise DatasetError(f"{where}: not a CIFAR-10 batch, missing key(s) {', '.join(missing)}")
     x = d["data"]
-    if not isinstance(x, np.ndarray) or x.dtype != np.uint8 or x.ndim != 2 or x.shape[1] != 3072:
+    if not isinstance(x, np.ndarray) or x.dtype != np.uint8 or x.ndim != 2 or x.shape[1] != IMAGE_BYTES:
         raise DatasetError(
-            f"{where}: 'data' must be a uint8 N x 3072 array, got "
+            f"{where}: 'data' must be a uint8 N x {IMAGE_BYTES} array, got "
             f"{getattr(x, 'dtype', type(x).__name__)} {getattr(x, 'shape', '')}"
         )
-    try:
-        y = np.asarray(d["labels"], dtype=np.int64)
-    except (TypeError, ValueError) as e:
-        raise DatasetError(f"{where}: 'labels' is not a list of integers ({e})") from e
+    if not 1 <= x.shape[0] <= MAX_BATCH_IMAGES:
+        raise DatasetError(f"{where}: 'data' holds {x.shape[0]} images; a CIFAR-10 batch holds 1..{MAX_BATCH_IMAGES}")
+    y = _labels(d["labels"], where)
     if y.shape != (x.shape[0],):
         raise DatasetError(f"{where}: {x.shape[0]} images but {y.size} labels")
-    if y.size and (y.min() < 0 or y.max() > 9):
+    if y.min() < 0 or y.max() > 9:
         raise DatasetError(f"{where}: labels outside 0..9 (min {y.min()}, max {y.max()})")
     # Channel-major rows: (N, C, H, W) -> (N, H, W, C).
     return x.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), y
+
+
+def _labels(obj: Any, where: str) -> np.ndarray:
+    """'labels': a list (or 1-d array) of integers, Python or numpy; anything else names the key."""
+    items = obj.tolist() if isinstance(obj, np.ndarray) and obj.ndim == 1 else obj
+    if not isinstance(items, list) or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+                                              for v in items):  # fmt: skip
+        raise DatasetError(f"{where}: 'labels' must be a list of integers, got {type(obj).__name__}")
+    try:
+        return np.array(items, dtype=np.int64)
+    except OverflowError as e:
+        raise DatasetError(f"{where}: 'labels' holds an integer out of range ({e})") from e
 
 
 def parse_meta(data: bytes, where: str) -> list[str]:
@@ -155,11 +128,7 @@ class PythonBatches:
         if not self.is_tar:
             out = {}
             for f in files:
-                p = self.path / f
-                try:
-                    out[f] = p.read_bytes()
-                except OSError as e:
-                    raise DatasetError(f"{p}: cannot read CIFAR-10 batch ({e})") from e
+                out[f] = read_regular(self.path / f, BATCH_LIMIT)
             return out
         wanted = set(files)
 
@@ -168,7 +137,7 @@ class PythonBatches:
             return len(parts) >= 2 and parts[-2] == BATCH_DIR and parts[-1] in wanted
 
         out = {}
-        for name, data in iter_tar(self.path, want):
+        for name, data in iter_tar(self.path, want, BATCH_LIMIT):
             out[name.rsplit("/", 1)[-1]] = data
         missing = [f for f in files if f not in out]
         if missing:
@@ -183,9 +152,11 @@ def python_plan(path: Path, split: str) -> Plan:
     batches = PythonBatches(path)
     files = SPLIT_FILES[split] + [META_FILE]
     if not batches.is_tar:
-        missing = [f for f in files if not (path / f).is_file()]
+        missing = [f for f in files if not (path / f).is_file()]  # FIFOs, devices: not files
         if missing:
-            raise DatasetError(f"{path}: incomplete CIFAR-10 folder, missing {', '.join(missing)}")
+            raise DatasetError(
+                f"{path}: incomplete CIFAR-10 folder, missing (or not regular files) {', '.join(missing)}"
+            )
 
     def build() -> Source:
         raw = batches.read(files)

@@ -12,6 +12,13 @@ so ``train`` and ``test`` agree on label numbering even if a split lacks a
 class. Archives are read member by member (tar in one streaming pass per
 decode, zip by random access): nothing is extracted.
 
+Hostile files: an image (file or member) is refused from its header when it
+declares more than `localssl.data.images.MAX_IMAGE_PIXELS` pixels or more
+bytes than `image_file_limit`; in a plain folder, entries that are not
+regular files (FIFOs, devices, sockets, dangling links, links to folders)
+are skipped with a warning naming them (`DirTree`); an archive that holds
+one member twice is refused (`localssl.data.archive`).
+
 Every image of a split must have the same size (training stacks them into one
 array); the first odd file is named in the error. Pass ``resize=S`` (or
 ``(H, W)``; ``--resize S`` on the command line) to resize everything with
@@ -29,14 +36,12 @@ cache entry is written (`ImageArray.channel_stats`).
 
 from __future__ import annotations
 
-import io
-import os
+import logging
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from localssl.data.archive import ZipReader, is_tar_name, is_zip_name, iter_tar, iter_tar_files, read_exact
 from localssl.data.base import (
@@ -51,6 +56,10 @@ from localssl.data.base import (
     parse_size,
     require_root,
 )
+from localssl.data.files import SizeLimit, list_regular_files, read_regular
+from localssl.data.images import GRAY_MODES, decode_image, image_file_limit, image_mode
+
+log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
@@ -58,39 +67,6 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 # computed its own (kept for reference; no loader uses them now).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-#: PIL modes that hold one gray channel (kept single-channel when asked).
-GRAY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
-
-
-def decode_image(data: bytes, where: str, size: tuple[int, int] | None = None, channels: int = 3) -> np.ndarray:
-    """Encoded bytes (JPEG, PNG, ...) -> uint8 ``(H, W, channels)``, optionally resized to ``size=(H, W)``.
-
-    ``channels=3``: grayscale, palette and RGBA images become RGB;
-    ``channels=1``: everything becomes 8-bit gray (PIL's "L"). Any decoding
-    failure (unknown format, truncated file) is a `DatasetError` naming ``where``.
-    """
-    if channels not in (1, 3):
-        raise ValueError(f"channels must be 1 or 3, got {channels!r}")
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            out = im.convert("L" if channels == 1 else "RGB")  # decodes fully: a truncated file fails here
-        if size is not None and out.size != (size[1], size[0]):
-            out = out.resize((size[1], size[0]), Image.Resampling.BICUBIC)
-        arr = np.asarray(out, dtype=np.uint8)
-        return arr[..., None] if arr.ndim == 2 else arr
-    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... depending on the codec
-        raise DatasetError(f"{where}: cannot decode image ({type(e).__name__}: {e})") from e
-
-
-def image_mode(data: bytes, where: str) -> str:
-    """PIL mode of an encoded image, from its header only."""
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            return str(im.mode)
-    except Exception as e:
-        raise DatasetError(f"{where}: cannot decode image ({type(e).__name__}: {e})") from e
-
 
 def is_image_name(name: str) -> bool:
     parts = name.split("/")
@@ -113,31 +89,37 @@ class FileTree:
         """How to point a human at one file in error messages."""
         raise NotImplementedError
 
-    def read_many(self, wanted: Iterable[str]) -> Iterator[tuple[str, bytes]]:
-        """Yield ``(name, bytes)`` for every wanted name, in whatever order is cheapest."""
+    def read_many(self, wanted: Iterable[str], limit: SizeLimit) -> Iterator[tuple[str, bytes]]:
+        """Yield ``(name, bytes)`` for every wanted name, in whatever order is cheapest.
+
+        A file over ``limit`` is an error naming it, raised before it is read.
+        """
         raise NotImplementedError
 
 
 class DirTree(FileTree):
+    """A plain folder. Only regular files are listed (symlinks to regular files count, wherever they point).
+
+    Anything else (FIFOs, sockets, devices, dangling links, links to
+    folders) is skipped, with one warning that names the entries: a FIFO
+    would block the read forever and a link to ``/dev/zero`` never ends, but
+    neither should make a folder of good images unusable. Files are read
+    with `read_regular`, which checks again on the open file.
+    """
+
     def __init__(self, path: Path) -> None:
         self.path = path
-        names = []
-        for dirpath, dirnames, filenames in os.walk(path):
-            dirnames.sort()
-            rel = Path(dirpath).relative_to(path).as_posix()
-            for f in sorted(filenames):
-                names.append(f if rel == "." else f"{rel}/{f}")
-        self.names = names
+        self.names, skipped = list_regular_files(path)
+        if skipped:
+            shown = ", ".join(skipped[:5]) + (f" and {len(skipped) - 5} more" if len(skipped) > 5 else "")
+            log.warning("%s: skipping %d entries that are not regular files: %s", path, len(skipped), shown)
 
     def where(self, name: str) -> str:
         return str(self.path / name)
 
-    def read_many(self, wanted: Iterable[str]) -> Iterator[tuple[str, bytes]]:
+    def read_many(self, wanted: Iterable[str], limit: SizeLimit) -> Iterator[tuple[str, bytes]]:
         for name in wanted:
-            try:
-                yield name, (self.path / name).read_bytes()
-            except OSError as e:
-                raise DatasetError(f"{self.where(name)}: cannot read ({e})") from e
+            yield name, read_regular(self.path / name, limit)
 
 
 class ZipTree(FileTree):
@@ -149,18 +131,19 @@ class ZipTree(FileTree):
     def where(self, name: str) -> str:
         return f"{self.path} (member {name!r})"
 
-    def read_many(self, wanted: Iterable[str]) -> Iterator[tuple[str, bytes]]:
+    def read_many(self, wanted: Iterable[str], limit: SizeLimit) -> Iterator[tuple[str, bytes]]:
         for name in wanted:
-            yield name, self._zip.read(name)
+            yield name, self._zip.read(name, limit)
 
 
 class TarTree(FileTree):
     """A tar read in streaming passes; small archives are kept in memory after the listing pass.
 
     Listing a ``.tar.gz`` means decompressing all of it, so the listing pass
-    also keeps the members' bytes while they fit in ``keep_bytes``: a
+    also keeps the images' bytes while they fit in ``keep_bytes``: a
     ``max_items`` subset (or a whole CIFAR-sized archive) is then decoded
-    without a second pass. Bigger archives fall back to one more pass.
+    without a second pass. Bigger archives fall back to one more pass. An
+    image member over `image_file_limit` is refused from its header.
     """
 
     def __init__(self, path: Path, keep_bytes: int = 512 << 20) -> None:
@@ -168,28 +151,31 @@ class TarTree(FileTree):
         names: list[str] = []
         kept: dict[str, bytes] | None = {}
         total = 0
+        limit = image_file_limit()
         for name, size, f in iter_tar_files(path):
             names.append(name)
-            if kept is not None and is_image_name(name):
+            if is_image_name(name):
+                limit.check(self.where(name), size)
                 total += size
-                if total > keep_bytes:
+                if kept is not None and total > keep_bytes:
                     kept = None  # too big: read again in read_many
-                else:
-                    kept[name] = read_exact(f, size, path, name)
+                elif kept is not None:
+                    kept[name] = read_exact(f, size, path, name, limit)
         self.names = sorted(names)
         self._kept = kept
 
     def where(self, name: str) -> str:
         return f"{self.path} (member {name!r})"
 
-    def read_many(self, wanted: Iterable[str]) -> Iterator[tuple[str, bytes]]:
+    def read_many(self, wanted: Iterable[str], limit: SizeLimit) -> Iterator[tuple[str, bytes]]:
         wanted = set(wanted)
         if self._kept is not None and wanted <= self._kept.keys():
             for name in sorted(wanted):
+                limit.check(self.where(name), len(self._kept[name]))
                 yield name, self._kept[name]
             return
         seen = 0
-        for name, data in iter_tar(self.path, want=wanted.__contains__):
+        for name, data in iter_tar(self.path, wanted.__contains__, limit):
             seen += 1
             yield name, data
         if seen != len(wanted):
@@ -281,7 +267,7 @@ class TreeSource(Source):
     def _channels(self, wanted: Iterable[str]) -> int:
         if self.channels is not None:
             return self.channels
-        for name, data in self.tree.read_many(wanted):  # stops at the first colour file
+        for name, data in self.tree.read_many(wanted, image_file_limit()):  # stops at the first colour file
             if image_mode(data, self.tree.where(name)) not in GRAY_MODES:
                 return 3
         return 1
@@ -292,7 +278,7 @@ class TreeSource(Source):
         first = ""
         filled = 0
         channels = self._channels(position)
-        for name, data in self.tree.read_many(position):
+        for name, data in self.tree.read_many(position, image_file_limit()):
             img = decode_image(data, self.tree.where(name), self.resize, channels)
             if out is None:
                 first = name

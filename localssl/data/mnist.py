@@ -6,8 +6,11 @@ The IDX header is: two zero bytes, a type code (0x08 = unsigned byte), the
 number of dimensions, then one big-endian uint32 per dimension; the data
 follow in C order. We check every part of that against the file's actual
 size, so that a truncated download or a file of the wrong kind is a
-``ValueError`` that names the file instead of a reshape error (or, worse,
-silently short data).
+`DatasetError` (a ``ValueError``) that names the file instead of a reshape
+error (or, worse, silently short data). The header is checked against the
+file *before* the payload is read, and a MNIST file may declare at most
+`MNIST_MAX_ITEMS` items, so a tiny (gzipped) file cannot make us allocate
+gigabytes.
 
 Used by the theory experiments (METHODS 3: the authors' MNIST patch setting)
 and usable by any loader that wants ``(uint8 images (N, 28, 28), int64
@@ -16,6 +19,7 @@ labels (N,))``.
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import struct
 import zlib
@@ -23,9 +27,14 @@ from pathlib import Path
 
 import numpy as np
 
+from localssl.data.base import DatasetError
+from localssl.data.files import SizeLimit, open_regular
+
 __all__ = [
+    "IDX_MAX_BYTES",
     "IMAGES_MAGIC",
     "LABELS_MAGIC",
+    "MNIST_MAX_ITEMS",
     "MNIST_FILES",
     "find_mnist_file",
     "load_mnist",
@@ -57,90 +66,103 @@ _IDX_DTYPES = {
 }
 
 
-def _read_bytes(path: Path) -> bytes:
-    """The file's (decompressed) bytes; a corrupt gzip stream is a ValueError naming the file."""
-    if path.name.endswith(".gz"):
-        try:
-            with gzip.open(path, "rb") as fh:
-                return fh.read()
-        except (OSError, EOFError, zlib.error) as e:  # BadGzipFile is an OSError
-            raise ValueError(f"{path}: corrupt or truncated gzip stream ({e})") from None
-    return path.read_bytes()
+#: What `read_idx` reads at most unless told otherwise (the payload, decompressed).
+IDX_MAX_BYTES = 1 << 30
+#: MNIST's training split has 60,000 images (t10k 10,000): the most a MNIST file may declare.
+MNIST_MAX_ITEMS = 60_000
 
 
-def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
-    """Read any IDX file (raw or ``.gz``) into a native-endian numpy array.
+def _read(path: Path, max_bytes: int, magic: int | None) -> np.ndarray:
+    """Read an IDX file whose payload is at most ``max_bytes``; check its magic number if given.
 
-    Raises ``ValueError`` (message starting with the file path) when the
-    magic number is malformed, the type code is unknown, or the payload size
-    does not match the dimensions in the header (truncated or padded file).
+    The header is read and checked against the file before the payload is:
+    a raw file's size must match the dimensions exactly, and a gzipped one
+    is decompressed only up to one byte past what the header declares, so
+    neither a lying header nor a gzip bomb makes us allocate more than
+    ``max_bytes``.
     """
-    path = Path(path)
-    data = _read_bytes(path)
-    if len(data) < 4:
-        raise ValueError(f"{path}: too short for an IDX header ({len(data)} bytes)")
-    zero, type_code, ndim = struct.unpack(">HBB", data[:4])
-    if zero != 0:
-        raise ValueError(f"{path}: bad IDX magic number 0x{data[:4].hex()} (first two bytes must be 0)")
-    if type_code not in _IDX_DTYPES:
-        raise ValueError(f"{path}: bad IDX magic number 0x{data[:4].hex()} (unknown type code {type_code:#x})")
-    if ndim == 0:
-        raise ValueError(f"{path}: bad IDX magic number 0x{data[:4].hex()} (zero dimensions)")
-    header = 4 + 4 * ndim
-    if len(data) < header:
-        raise ValueError(f"{path}: truncated IDX header ({len(data)} bytes, need {header} for {ndim} dims)")
-    dims = struct.unpack(f">{ndim}I", data[4:header])
-    dtype = _IDX_DTYPES[type_code]
-    expected = int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
-    got = len(data) - header
+    # Compressed data is at most a little larger than the payload (stored deflate blocks).
+    f, file_size = open_regular(path, SizeLimit(max_bytes + max_bytes // 100 + (1 << 16), "this IDX file"))
+    gz = path.name.endswith(".gz")
+    with f:
+        try:
+            fh = gzip.GzipFile(fileobj=f, mode="rb") if gz else f
+            head = fh.read(4)
+            if len(head) < 4:
+                raise DatasetError(f"{path}: too short for an IDX header ({len(head)} bytes)")
+            if magic is not None and struct.unpack(">I", head)[0] != magic:
+                got = struct.unpack(">I", head)[0]
+                raise DatasetError(f"{path}: bad magic number {got} (0x{got:08x}), expected {magic} (0x{magic:08x})")
+            zero, type_code, ndim = struct.unpack(">HBB", head)
+            if zero != 0:
+                raise DatasetError(f"{path}: bad IDX magic number 0x{head.hex()} (first two bytes must be 0)")
+            if type_code not in _IDX_DTYPES:
+                raise DatasetError(f"{path}: bad IDX magic number 0x{head.hex()} (unknown type code {type_code:#x})")
+            if ndim == 0:
+                raise DatasetError(f"{path}: bad IDX magic number 0x{head.hex()} (zero dimensions)")
+            raw_dims = fh.read(4 * ndim)
+            header = 4 + 4 * ndim
+            if len(raw_dims) < 4 * ndim:
+                raise DatasetError(
+                    f"{path}: truncated IDX header ({4 + len(raw_dims)} bytes, need {header} for {ndim} dims)"
+                )
+            dims = struct.unpack(f">{ndim}I", raw_dims)
+            dtype = _IDX_DTYPES[type_code]
+            expected = math.prod(dims) * dtype.itemsize  # Python ints: no overflow
+            if expected > max_bytes:
+                raise DatasetError(
+                    f"{path}: header says dims {tuple(dims)} = {expected:,} payload bytes, more than the "
+                    f"{max_bytes:,} this file may hold; refusing to read it"
+                )
+            got = file_size - header if not gz else None  # known before reading, for a raw file
+            if got is None or got == expected:
+                data = fh.read(expected + 1)
+                got = len(data)
+        except (OSError, EOFError, zlib.error) as e:  # BadGzipFile is an OSError
+            raise DatasetError(f"{path}: corrupt or truncated gzip stream ({e})") from None
     if got != expected:
         what = "truncated" if got < expected else "has trailing bytes"
-        raise ValueError(
+        raise DatasetError(
             f"{path}: IDX file {what}: header says dims {tuple(dims)} = {expected} payload bytes, "
-            f"file has {got}"
+            f"file has {got}{'' if not gz else ' (or more)' if got > expected else ''}"
         )
-    arr = np.frombuffer(data, dtype=dtype, count=expected // dtype.itemsize, offset=header)
+    arr = np.frombuffer(data, dtype=dtype, count=expected // dtype.itemsize)
     return arr.reshape(dims).astype(dtype.newbyteorder("="), copy=True)
 
 
-def _check_magic(path: Path, expected: int) -> None:
-    # The magic number is checked before decoding the payload, so a labels
-    # file passed as images says so instead of failing on the dimensions.
-    if path.name.endswith(".gz"):
-        try:
-            with gzip.open(path, "rb") as fh:
-                head = fh.read(4)
-        except (OSError, EOFError, zlib.error) as e:
-            raise ValueError(f"{path}: corrupt or truncated gzip stream ({e})") from None
-    else:
-        with open(path, "rb") as fh:
-            head = fh.read(4)
-    if len(head) < 4:
-        raise ValueError(f"{path}: too short for an IDX header ({len(head)} bytes)")
-    magic = struct.unpack(">I", head)[0]
-    if magic != expected:
-        raise ValueError(f"{path}: bad magic number {magic} (0x{magic:08x}), expected {expected} (0x{expected:08x})")
+def read_idx(path: str | os.PathLike[str], *, max_bytes: int = IDX_MAX_BYTES) -> np.ndarray:
+    """Read any IDX file (raw or ``.gz``) into a native-endian numpy array.
+
+    Raises `DatasetError` (a ``ValueError``; message starting with the file
+    path) when the magic number is malformed, the type code is unknown, the
+    payload size does not match the dimensions in the header (truncated or
+    padded file), or the header declares more than ``max_bytes``. Only
+    regular files are read (a FIFO or device is refused, not opened).
+    """
+    return _read(Path(path), max_bytes, None)
 
 
-def read_mnist_images(path: str | os.PathLike[str], *, size: tuple[int, int] = (28, 28)) -> np.ndarray:
-    """MNIST images file -> uint8 array ``(N, 28, 28)``; validates magic 2051 and the image size."""
+def read_mnist_images(
+    path: str | os.PathLike[str], *, size: tuple[int, int] = (28, 28), max_items: int = MNIST_MAX_ITEMS
+) -> np.ndarray:
+    """MNIST images file -> uint8 array ``(N, 28, 28)``; validates magic 2051, the image size and N <= max_items."""
     path = Path(path)
-    _check_magic(path, IMAGES_MAGIC)
-    arr = read_idx(path)
+    arr = _read(path, max_items * size[0] * size[1], IMAGES_MAGIC)
     if arr.ndim != 3 or tuple(arr.shape[1:]) != tuple(size):
-        raise ValueError(f"{path}: expected images of shape (N, {size[0]}, {size[1]}), header says {arr.shape}")
+        raise DatasetError(f"{path}: expected images of shape (N, {size[0]}, {size[1]}), header says {arr.shape}")
     return arr.astype(np.uint8, copy=False)
 
 
-def read_mnist_labels(path: str | os.PathLike[str], *, num_classes: int = 10) -> np.ndarray:
-    """MNIST labels file -> int64 array ``(N,)``; validates magic 2049 and that labels are < num_classes."""
+def read_mnist_labels(
+    path: str | os.PathLike[str], *, num_classes: int = 10, max_items: int = MNIST_MAX_ITEMS
+) -> np.ndarray:
+    """MNIST labels file -> int64 array ``(N,)``; validates magic 2049, labels < num_classes and N <= max_items."""
     path = Path(path)
-    _check_magic(path, LABELS_MAGIC)
-    arr = read_idx(path)
+    arr = _read(path, max_items, LABELS_MAGIC)
     if arr.ndim != 1:
-        raise ValueError(f"{path}: expected a 1-d labels file, header says {arr.shape}")
+        raise DatasetError(f"{path}: expected a 1-d labels file, header says {arr.shape}")
     if arr.size and int(arr.max()) >= num_classes:
-        raise ValueError(f"{path}: label {int(arr.max())} out of range [0, {num_classes})")
+        raise DatasetError(f"{path}: label {int(arr.max())} out of range [0, {num_classes})")
     return arr.astype(np.int64)
 
 
@@ -170,5 +192,5 @@ def load_mnist(root: str | os.PathLike[str], split: str = "train") -> tuple[np.n
     images = read_mnist_images(img_path)
     labels = read_mnist_labels(lab_path)
     if len(images) != len(labels):
-        raise ValueError(f"{img_path}: {len(images)} images but {lab_path} has {len(labels)} labels")
+        raise DatasetError(f"{img_path}: {len(images)} images but {lab_path} has {len(labels)} labels")
     return images, labels

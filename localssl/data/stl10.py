@@ -12,6 +12,10 @@ Splits: ``train`` (5,000), ``test`` (8,000), ``unlabeled`` (100,000) and
 ``train+unlabeled`` (the usual SSL pre-training set). The tarball can be read
 directly (two streaming passes over 2.6 GB on the first load of a split);
 ``download=True`` extracts it once, which makes later first loads faster.
+
+Sizes are those of the official release (`MAX_ROWS`): a file or tar member
+declaring more images than its part has is refused before anything is
+allocated for it, and label/name files are read with matching limits.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from typing import IO
 
 import numpy as np
 
-from localssl.data.archive import is_tar_name, iter_tar_files, read_exact, safe_extract
+from localssl.data.archive import is_tar_name, iter_tar_files, read_exact
 from localssl.data.base import (
     DATASETS,
     Allocator,
@@ -35,6 +39,8 @@ from localssl.data.base import (
     require_root,
 )
 from localssl.data.download import STL10_BINARY, fetch, not_found_message
+from localssl.data.extract import safe_extract
+from localssl.data.files import SizeLimit, open_regular, read_regular, regular_size
 
 SIZE = 96
 IMAGE_BYTES = 3 * SIZE * SIZE  # 27648
@@ -57,14 +63,37 @@ FORMATS = (
     "train_X.bin, train_y.bin, test_X.bin, test_y.bin, unlabeled_X.bin, class_names.txt"
 )
 _CHUNK_ROWS = 1024  # 27 MB of pixels per read
+_CHUNK = SizeLimit(_CHUNK_ROWS * IMAGE_BYTES, "one read of STL-10 images")
+#: Images in each part of the official release. A file may hold fewer (a
+#: subset), never more: the sizes come from the tar header or the file
+#: system, and a tiny .tar.gz can declare a member of any size.
+MAX_ROWS = {"train": 5_000, "test": 8_000, "unlabeled": 100_000}
+#: class_names.txt: ten short names, one a line.
+NAMES_LIMIT = SizeLimit(64 << 10, "an STL-10 class_names.txt")
+#: Everything the official tarball extracts to: the three X files, the two y files, class_names.txt.
+EXTRACTED_BYTES = sum(MAX_ROWS.values()) * IMAGE_BYTES + MAX_ROWS["train"] + MAX_ROWS["test"] + (1 << 20)
 
 
-def rows_in(size: int, where: str) -> int:
-    """Number of images in an ``*_X.bin`` of ``size`` bytes; error unless a whole number."""
+def _part(name: str) -> str:
+    """``train_X.bin`` -> ``train``."""
+    return name.split("_", 1)[0]
+
+
+def _labels_limit(name: str) -> SizeLimit:
+    n = MAX_ROWS[_part(name)]
+    return SizeLimit(n, f"an STL-10 {name} ({n:,} labels)")
+
+
+def rows_in(size: int, where: str, max_rows: int) -> int:
+    """Number of images in an ``*_X.bin`` of ``size`` bytes; error unless a whole number up to ``max_rows``."""
     if size % IMAGE_BYTES:
         raise DatasetError(
             f"{where}: size {size} bytes is not a multiple of {IMAGE_BYTES} (3x96x96); "
             "the file is truncated or not an STL-10 image file"
+        )
+    if size // IMAGE_BYTES > max_rows:
+        raise DatasetError(
+            f"{where}: {size:,} bytes = {size // IMAGE_BYTES:,} images; this STL-10 file holds at most {max_rows:,}"
         )
     return size // IMAGE_BYTES
 
@@ -96,7 +125,7 @@ def _copy_rows(
     """Stream ``n_rows`` records from ``f``, writing records ``wanted`` (sorted) to ``out[out_pos]``."""
     for a in range(0, n_rows, _CHUNK_ROWS):
         b = min(a + _CHUNK_ROWS, n_rows)
-        raw = read_exact(f, (b - a) * IMAGE_BYTES, archive, name)
+        raw = read_exact(f, (b - a) * IMAGE_BYTES, archive, name, _CHUNK)
         lo, hi = np.searchsorted(wanted, [a, b])
         if hi > lo:
             out[out_pos[lo:hi]] = to_nhwc(raw)[wanted[lo:hi] - a]
@@ -122,7 +151,7 @@ class STL10Source(Source):
             x_name, y_name = PARTS[p]
             if x_name not in self._sizes:
                 raise DatasetError(f"{self.where(x_name)}: missing")
-            n = rows_in(self._sizes[x_name], self.where(x_name))
+            n = rows_in(self._sizes[x_name], self.where(x_name), MAX_ROWS[p])
             self.parts.append((x_name, n))
             if y_name is None:
                 labels.append(np.full(n, -1, dtype=np.int64))
@@ -146,30 +175,35 @@ class STL10Source(Source):
         self._sizes: dict[str, int] = {}
         if not self.is_tar:
             for n in small_names:
-                if (self.path / n).is_file():
-                    out[n] = (self.path / n).read_bytes()
+                if (self.path / n).is_file():  # FIFOs and devices are not files: "missing"
+                    out[n] = read_regular(self.path / n, self._small_limit(n))
             for n in x_names:
                 if (self.path / n).is_file():
-                    self._sizes[n] = (self.path / n).stat().st_size
+                    self._sizes[n] = regular_size(self.path / n)
             return out
         wanted = set(small_names) | set(x_names)
         for name, size, f in iter_tar_files(self.path, lambda m: self._in_bin_dir(m) in wanted):
             base = name.rsplit("/", 1)[-1]
             if base in x_names:
-                self._sizes[base] = size  # skipped, not read: the tar header has the size
+                # Skipped, not read: the tar header has the size. Checked now, before the stream
+                # is skipped through whatever the header declares.
+                rows_in(size, self.where(base), MAX_ROWS[_part(base)])
+                self._sizes[base] = size
             else:
-                out[base] = read_exact(f, size, self.path, name)
+                out[base] = read_exact(f, size, self.path, name, self._small_limit(base))
         return out
+
+    @staticmethod
+    def _small_limit(name: str) -> SizeLimit:
+        return NAMES_LIMIT if name == "class_names.txt" else _labels_limit(name)
 
     def _x_streams(self) -> Iterator[tuple[str, IO[bytes]]]:
         """``(X file name, open stream)`` for every X file of the split, in the cheapest order."""
         names = {x for x, _ in self.parts}
         if not self.is_tar:
             for x in sorted(names):
-                try:
-                    f = open(self.path / x, "rb")
-                except OSError as e:
-                    raise DatasetError(f"{self.path / x}: cannot read ({e})") from e
+                n = MAX_ROWS[_part(x)]
+                f, _ = open_regular(self.path / x, SizeLimit(n * IMAGE_BYTES, f"an STL-10 {x} of {n:,} images"))
                 with f:
                     yield x, f
             return
@@ -234,7 +268,7 @@ class STL10Loader(DatasetLoader):
                 raise DatasetNotFoundError(not_found_message("stl10", found, FORMATS, STL10_BINARY, root))
             tarball = fetch(STL10_BINARY, root, looked_at=found, formats=FORMATS, name="stl10")
             # Extract once: the .bin files are then read without decompressing 2.6 GB per split.
-            safe_extract(tarball, root)
+            safe_extract(tarball, root, max_bytes=EXTRACTED_BYTES)
             found = root / BIN_DIR
         path = found
         if path.is_dir():

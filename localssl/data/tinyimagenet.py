@@ -32,6 +32,7 @@ from localssl.data.base import (
     require_root,
 )
 from localssl.data.download import TINY_IMAGENET, fetch, not_found_message
+from localssl.data.files import SizeLimit
 from localssl.data.imagefolder import DirTree, FileTree, TreeSource, ZipTree, is_image_name
 
 TOP = "tiny-imagenet-200"
@@ -42,10 +43,15 @@ FORMATS = (
 )
 
 
+#: The text files read: wnids.txt (200 lines) and val/val_annotations.txt
+#: (10,000 lines, ~0.4 MB). 16 MiB leaves room for larger copies of the layout.
+TEXT_LIMIT = SizeLimit(16 << 20, "a Tiny ImageNet text file")
+
+
 def _text(tree: FileTree, name: str) -> str:
     if name not in tree.names:
         raise DatasetError(f"{tree.where(name)}: missing")
-    ((_, data),) = tree.read_many([name])
+    ((_, data),) = tree.read_many([name], TEXT_LIMIT)
     return data.decode("utf-8", "replace")
 
 
