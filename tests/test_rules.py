@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import copy
 import math
+from dataclasses import fields
 
 import pytest
 import torch
@@ -46,7 +47,6 @@ from localssl.rules import (
     CONTRASTIVE_F,
     FEEDBACK_KINDS,
     RULES,
-    BPInfoNCE,
     Feedback,
     Group,
     bp_counterpart,
@@ -59,8 +59,12 @@ from localssl.rules import (
 RULE_NAMES = RULES.names()
 LOCAL_RULES = [n for n in RULE_NAMES if build_rule(n, [(4,)], {}, grids=[1]).local]
 BP_RULES = [n for n in RULE_NAMES if n not in LOCAL_RULES]
-# Rules whose loss has a feedback matrix B (every rule but the InfoNCE family, whose head is a projection).
-FEEDBACK_RULES = [n for n in RULE_NAMES if not isinstance(build_rule(n, [(4,)], {}, grids=[1]), BPInfoNCE)]
+# Local rules whose groups share no block (all but LoCo with overlap > 0).
+DISJOINT_RULES = [n for n in LOCAL_RULES
+                  if len({b for g in build_rule(n, [(4,)] * 3, {}, grids=[1] * 3).groups() for b in g.blocks})
+                  == sum(len(g.blocks) for g in build_rule(n, [(4,)] * 3, {}, grids=[1] * 3).groups())]
+# Rules whose loss has a feedback matrix B (the CLAPP++ family; the others' heads are projections).
+FEEDBACK_RULES = [n for n in RULE_NAMES if "feedback" in {f.name for f in fields(RULES.get(n).options)}]
 N_IMAGES = 4  # B images -> 2B = 8 stacked views
 
 
@@ -154,11 +158,13 @@ def paper_backward(enc, rule, views) -> list[torch.Tensor]:
     if rule.needs_top_context:
         with torch.no_grad():
             top = enc(views)[-1]
-    losses, h = [], views
+    losses, outs = [], {-1: views}
     for g, group in enumerate(rule.groups()):
-        out = enc.run_blocks(h.detach(), group.blocks)
-        losses.append(rule.loss(g, out, top))
-        h = out
+        h = outs[group.input].detach()
+        for b in group.blocks:  # (overlapping groups: a block shared with the group above runs again here)
+            h = rule.handoff(b, enc.blocks[b](h))
+            outs.setdefault(b, h)
+        losses.append(rule.loss(g, h, top))
     torch.stack(losses).sum().backward()
     return [loss.detach() for loss in losses]
 
@@ -185,12 +191,14 @@ def test_unknown_rule_name_lists_valid_names():
 @pytest.mark.parametrize("name", RULE_NAMES)
 @pytest.mark.parametrize("case", CASES)
 def test_groups_partition_blocks(name, case):
-    """Local rules: [[0], [1], ...]; BP rules: one group [0..L-1] (same machinery, nothing cut)."""
+    """Local rules: [[0], [1], ...] (LoCo: [[0, 1], [1, 2], ..., [L-1]]); BP rules: one group [0..L-1]
+    (same machinery, nothing cut)."""
     enc, rule, _ = setup(name, case)
     n = len(enc)
     assert rule.num_blocks == n
     if rule.local:
-        assert rule.groups() == [Group((k,)) for k in range(n)]
+        overlap = getattr(rule, "overlap", 0)
+        assert rule.groups() == [Group(tuple(range(k, min(k + overlap, n - 1) + 1))) for k in range(n)]
     else:
         assert rule.groups() == [Group(tuple(range(n)))]
 
@@ -261,17 +269,19 @@ def test_routing_probe_sees_a_missing_detach():
 
 @pytest.mark.parametrize("name", LOCAL_RULES)
 def test_detached_input_reaches_no_previous_block(name):
-    """Group k run on the detached output of group k-1: block k-1 gets no gradient, block k does."""
+    """Group k run on the detached output of the block below it: that block gets no gradient, the group's do."""
     enc, rule, views = setup(name, "vgg")
     top = enc(views)[-1].detach() if rule.needs_top_context else None
     outs = enc(views)
-    for k in range(1, len(enc)):
+    for k, group in enumerate(rule.groups()):
+        if group.input < 0:
+            continue
         for p in enc.parameters():
             p.grad = None
-        out = enc.run_blocks(outs[k - 1].detach(), [k])
+        out = enc.run_blocks(outs[group.input].detach(), group.blocks)
         rule.loss(k, out, top).backward(retain_graph=True)
-        assert all(p.grad is None for p in enc.blocks[k - 1].parameters())
-        assert all(p.grad is not None for p in enc.blocks[k].parameters())
+        assert all(p.grad is None for b in range(group.input + 1) for p in enc.blocks[b].parameters())
+        assert all(p.grad is not None for b in group.blocks for p in enc.blocks[b].parameters())
 
 
 @pytest.mark.parametrize("name", LOCAL_RULES)
@@ -323,12 +333,13 @@ def test_block_by_block_adamw_equals_one_adamw_on_summed_loss(name):
         torch.testing.assert_close(named_a[n], named_b[n], rtol=1e-12, atol=1e-13, msg=n)
 
 
-@pytest.mark.parametrize("name", LOCAL_RULES)
+@pytest.mark.parametrize("name", DISJOINT_RULES)
 def test_one_step_at_the_end_equals_a_step_after_every_group(name):
     """train_step's single AdamW step at the end == one AdamW per group, stepped right after its backward.
 
     Bitwise: AdamW is element-wise, and no group reads a parameter that
-    another group updates within the step. This is what lets the trainer
+    another group updates within the step. (Not so for overlapping groups,
+    LoCo: a block shared by two losses would move between them.) This is what lets the trainer
     make one (fused) optimizer call per step instead of one per group.
     """
     enc, rule, views = setup(name, "vgg", b_l2=1e-3)
@@ -414,8 +425,11 @@ def test_micro_batched_step_gives_the_plain_gradients(name, case, micro_batch):
     zero_grads(named)
     chunked = torch.stack(train_step(enc, rule, None, views, micro_batch=micro_batch))
     torch.testing.assert_close(chunked, plain, rtol=1e-12, atol=0)
+    # Chunking reorders float64 sums: an entry that is a cancellation (a bias in front of the Barlow
+    # Twins head's standardisation gets ~0 from terms of order 1e3) is exact only up to the scale of its terms.
+    atol = 1e-13 * max(1.0, max(float(g.abs().max()) for g in want.values()))
     for n, p in named.items():
-        torch.testing.assert_close(p.grad, want[n], rtol=1e-10, atol=1e-13, msg=n)
+        torch.testing.assert_close(p.grad, want[n], rtol=1e-10, atol=atol, msg=n)
 
 
 @pytest.mark.parametrize("name", ["clapp++", "bp-infonce"])

@@ -126,7 +126,7 @@ class _Forward:
         # The last group that reads block b's output: after it, the output is dropped.
         self.last_use = {g.input: i for i, g in enumerate(groups)}
 
-    def run(self, encoder: BlockEncoder, g: int, group: Group) -> torch.Tensor:
+    def run(self, encoder: BlockEncoder, rule: Rule, g: int, group: Group) -> torch.Tensor:
         """Group ``group``'s forward with a graph through its blocks only; returns its last block's output."""
         h = self.outputs[group.input].detach()  # the cut: no gradient crosses it
         if self.last_use.get(group.input) == g and group.input >= 0:
@@ -139,6 +139,7 @@ class _Forward:
             else:
                 h = block(h)
                 self.ran.add(b)
+            h = rule.handoff(b, h)
             if b not in self.outputs and b in self.last_use and self.last_use[b] > g:
                 self.outputs[b] = h.detach()
         return h
@@ -166,7 +167,7 @@ class PlainStep(Step):
         losses: Losses = []
         for g, group in enumerate(groups):
             with ctx():
-                out = forward.run(encoder, g, group)
+                out = forward.run(encoder, rule, g, group)
                 loss = rule.loss(g, out, top)
             loss.backward()
             losses.append(loss.detach())
@@ -202,6 +203,9 @@ class MicroBatchedStep(Step):
         self.micro_batch = micro_batch
 
     def __call__(self, encoder, rule, optimizer, views, index=0, *, device=None, amp_dtype=None) -> Losses:
+        if rule.perturbs:
+            raise ValueError("micro-batching recomputes every block output, and this rule perturbs them at random "
+                             "(noise injection): unset micro_batch, or the rule's noise")
         coupled = batch_coupling_modules(encoder)
         if coupled:
             raise ValueError(
@@ -242,7 +246,7 @@ class MicroBatchedStep(Step):
             forward = _Forward(groups, x)
             for g, group in enumerate(groups):
                 with ctx():
-                    out = forward.run(encoder, g, group)
+                    out = forward.run(encoder, rule, g, group)
                     z = rule.represent(g, out)
                 z.backward(dz[g][c])
                 del out, z
@@ -291,7 +295,9 @@ class SequentialStep(Step):
         if optimizer is not None:
             optimizer.zero_grad(set_to_none=True)
         with ctx():
-            out = encoder.run_blocks(h, group.blocks)
+            out = h
+            for b in group.blocks:
+                out = rule.handoff(b, encoder.blocks[b](out))
             loss = rule.loss(k, out, top)
         loss.backward()
         losses: Losses = [None] * len(groups)

@@ -6,8 +6,9 @@ registers itself next to its code; the trainer never sees rule names.
 """
 from __future__ import annotations
 
-from localssl.rules import bp, clapp  # noqa: F401  (registers the rules)
+from localssl.rules import blockwise, bp, clapp  # noqa: F401  (registers the rules)
 from localssl.rules.base import FEEDBACK_KINDS, Group, Rule, RuleOptions, check_groups
+from localssl.rules.blockwise import Blockwise, Head, inject_noise
 from localssl.rules.bp import BPInfoNCE, InfoNCEOptions
 from localssl.rules.clapp import BPCLAPPPlusPlus, CLAPPPlusPlus, ContrastiveOptions, Feedback
 from localssl.rules.losses import (
@@ -28,7 +29,7 @@ from localssl.rules.registry import RULES, bp_counterpart, build_rule, register_
 __all__ = [
     "RULES", "FEEDBACK_KINDS", "Group", "Rule", "RuleOptions", "build_rule", "check_groups", "register_rule",
     "rule_options", "resolve_rule_options", "bp_counterpart",
-    "CLAPPPlusPlus", "BPCLAPPPlusPlus", "ContrastiveOptions", "BPInfoNCE", "InfoNCEOptions", "Feedback",
+    "Blockwise", "Head", "inject_noise", "CLAPPPlusPlus", "BPCLAPPPlusPlus", "ContrastiveOptions", "BPInfoNCE", "InfoNCEOptions", "Feedback",
     "CONTRASTIVE_F", "contrastive_loss", "info_nce", "info_nce_symmetric", "nt_xent", "barlow_twins", "vicreg",
     "INFONCE_LOSSES", "scores", "spatial_pool", "swap_views",
 ]

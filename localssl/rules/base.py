@@ -98,6 +98,8 @@ class Rule(nn.Module):
     #: How the groups train: all every step ("simultaneous") or one after the other ("sequential",
     #: `localssl.engine.step.SequentialStep`).
     schedule: str = "simultaneous"
+    #: True when `handoff` changes block outputs (noise injection): the step cannot be micro-batched then.
+    perturbs: bool = False
 
     def __init__(self, feature_shapes: Sequence[tuple[int, ...]], options: RuleOptions | None = None,
                  grids: Sequence[int] | None = None) -> None:
@@ -130,6 +132,14 @@ class Rule(nn.Module):
     # output on its own (pooling), so it can run chunk by chunk; ``objective``
     # sees the whole batch of these (small) representations, where the
     # negatives and contexts of other rows live.
+
+    def handoff(self, block: int, h: torch.Tensor) -> torch.Tensor:
+        """Block ``block``'s output as its group's loss and the next group see it (default: unchanged).
+
+        Blockwise SSL injects noise here while training (METHODS 5.1); the
+        same tensor reaches the head and the block above.
+        """
+        return h
 
     def represent(self, g: int, h: torch.Tensor) -> torch.Tensor:
         """What group ``g``'s loss reads of its output ``h``, computed row by row.
