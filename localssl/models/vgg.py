@@ -40,12 +40,17 @@ ENCODERS: Registry = Registry("encoder")
 
 
 def _vgg(name: str, width: float, in_channels: int) -> BlockEncoder:
-    if width <= 0:
-        raise ValueError(f"width multiplier must be > 0, got {width}")
+    # round(c * width) keeps a channel only above c * width = 0.5: the narrowest layer sets the smallest width.
+    c_min = min(c for c, _ in VGG_CONFIGS[name])
+    if not math.isfinite(width) or round(c_min * width) < 1:
+        raise ValueError(
+            f"width must be a finite number > {0.5 / c_min:g} (1/{2 * c_min}: at or below it {name}'s {c_min}-channel "
+            f"layer rounds to 0 channels), got {width}"
+        )
     blocks = []
     c_in = in_channels
     for c, pool in VGG_CONFIGS[name]:
-        c_out = max(1, int(round(c * width)))
+        c_out = int(round(c * width))
         layers: list[nn.Module] = [nn.Conv2d(c_in, c_out, 3, padding=1, bias=True)]
         # relu(maxpool(x)) == maxpool(relu(x)) exactly (max commutes with a
         # non-decreasing map), so the max-pool goes first: the ReLU and its
