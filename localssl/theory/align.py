@@ -417,10 +417,10 @@ def align_run(
     by ``seed``) and B is fresh too, since trained B's belong to trained
     weights. Views are SimCLR views of the run's data set (pre-training split).
     """
-    from localssl.config import ConfigError, TrainConfig, from_dict, rule_options
+    from localssl.config import ConfigError, rule_options
     from localssl.data import dataset_spec, load_dataset
     from localssl.data.augment import SimCLRViews
-    from localssl.engine.checkpoint import CHECKPOINT, load_checkpoint
+    from localssl.engine.checkpoint import CHECKPOINT, checkpoint_config, load_checkpoint, load_weights
     from localssl.engine.runtime import resolve_device
     from localssl.models import build_encoder, default_grids
     from localssl.rules import RULES, SPATIAL_RULES, build_rule
@@ -430,8 +430,8 @@ def align_run(
         raise ConfigError(f"need --batches >= 1 and --batch-size >= 2 (got {batches}, {batch_size})")
     run_dir = Path(run_dir)
     ckpt = Path(checkpoint) if checkpoint is not None else run_dir / CHECKPOINT
-    state = load_checkpoint(ckpt)
-    cfg = from_dict(TrainConfig, state["config"])
+    state = load_checkpoint(ckpt, require=("encoder", "config"))
+    cfg = checkpoint_config(state, ckpt)
     name = rule_name or cfg.rule
     if name not in RULES:
         raise ConfigError(f"unknown rule {name!r}; valid: {', '.join(RULES.names())}")
@@ -460,7 +460,7 @@ def align_run(
     torch.manual_seed(seed)
     encoder = build_encoder(cfg.encoder, cfg.width, spec.channels, cfg.encoder_options, image_size=spec.image_size)
     if not random_init:
-        encoder.load_state_dict(state["encoder"])
+        load_weights(encoder, state["encoder"], ckpt, "encoder")
     shapes = encoder.feature_shapes(input_shape)
     grids = cfg.grids if cfg.grids is not None else (
         default_grids(cfg.encoder, shapes=shapes) if name in SPATIAL_RULES else None)
@@ -479,7 +479,7 @@ def align_run(
         data = load_images()
     b_source = "fresh"
     if name == cfg.rule and not random_init and "rule" in state:
-        rule.load_state_dict(state["rule"])
+        load_weights(rule, state["rule"], ckpt, "rule")
         b_source = "checkpoint"
     encoder.to(dev)
     rule.to(dev)
