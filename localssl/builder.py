@@ -49,7 +49,10 @@ def build_model(cfg: TrainConfig, channels: int, image_size: int, rule_device: s
     ``rule_device="meta"`` builds the rule without memory (a check: B
     matrices can be 8192 x 8192). Errors name what to change.
     """
-    encoder = build_encoder(cfg.encoder, cfg.width, channels, cfg.encoder_options, image_size=image_size)
+    try:
+        encoder = build_encoder(cfg.encoder, cfg.width, channels, cfg.encoder_options, image_size=image_size)
+    except ValueError as e:  # the encoder's own check, e.g. a width that leaves a layer no channel
+        raise ConfigError(str(e)) from None
     try:
         shapes = encoder.feature_shapes((channels, image_size, image_size))
     except RuntimeError as e:

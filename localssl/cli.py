@@ -187,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from localssl.engine.trainer import NonFiniteLossError, TrainingInterrupted
+    from localssl.engine.trainer import CheckpointWriteError, NonFiniteLossError, TrainingInterrupted
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -198,8 +198,14 @@ def main(argv: list[str] | None = None) -> int:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         print(f"localssl {args.command}: error: {msg}", file=sys.stderr)
         return 2
-    except NonFiniteLossError as e:
+    except (NonFiniteLossError, CheckpointWriteError) as e:
         print(f"localssl {args.command}: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        # The machine, not the input (a full disk while writing metrics, a file gone): still one line with the
+        # path. The last checkpoint is untouched: checkpoints are only ever replaced by an atomic rename.
+        where = f": {e.filename}" if e.filename else ""
+        print(f"localssl {args.command}: error: {e.strerror or e}{where}", file=sys.stderr)
         return 1
     except TrainingInterrupted as e:
         print(f"localssl {args.command}: {e}", file=sys.stderr)

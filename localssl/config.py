@@ -11,6 +11,7 @@ before training starts, with a message that says what to change.
 from __future__ import annotations
 
 import math
+import reprlib
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields
@@ -22,6 +23,19 @@ import yaml
 
 class ConfigError(ValueError):
     """A config key or value that cannot work; the message says what to change."""
+
+
+# Values are quoted in error messages through this: a hostile or mistaken value (a 1 MB string, a YAML
+# alias bomb whose full repr has billions of characters) must not turn one message into gigabytes.
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 80
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = 6
+_REPR.maxlevel = 2
+
+
+def shown(value: Any) -> str:
+    """``repr(value)``, shortened for an error message."""
+    return _REPR.repr(value)
 
 
 @dataclass
@@ -124,31 +138,31 @@ def _check_type(cls_name: str, name: str, tp: Any, value: Any) -> Any:
         if isinstance(value, str):
             value = [v for v in value.replace(",", " ").split() if v]
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{cls_name}.{name}: expected a list, got {value!r}")
+            raise ConfigError(f"{cls_name}.{name}: expected a list, got {shown(value)}")
         return [_check_type(cls_name, name, args[0], v) for v in value]
     if tp is bool:
         if isinstance(value, bool):
             return value
         if isinstance(value, str) and value.lower() in ("true", "yes", "1", "false", "no", "0"):
             return value.lower() in ("true", "yes", "1")
-        raise ConfigError(f"{cls_name}.{name}: expected true/false, got {value!r}")
+        raise ConfigError(f"{cls_name}.{name}: expected true/false, got {shown(value)}")
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, (int, str)):
-            raise ConfigError(f"{cls_name}.{name}: expected an integer, got {value!r}")
+            raise ConfigError(f"{cls_name}.{name}: expected an integer, got {shown(value)}")
         try:
             return int(value)
         except ValueError:
-            raise ConfigError(f"{cls_name}.{name}: expected an integer, got {value!r}") from None
+            raise ConfigError(f"{cls_name}.{name}: expected an integer, got {shown(value)}") from None
     if tp is float:
         if isinstance(value, bool):
-            raise ConfigError(f"{cls_name}.{name}: expected a number, got {value!r}")
+            raise ConfigError(f"{cls_name}.{name}: expected a number, got {shown(value)}")
         try:
             return float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{cls_name}.{name}: expected a number, got {value!r}") from None
+        except (TypeError, ValueError, OverflowError):
+            raise ConfigError(f"{cls_name}.{name}: expected a number, got {shown(value)}") from None
     if tp is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            raise ConfigError(f"{cls_name}.{name}: expected a string, got {value!r}")
+            raise ConfigError(f"{cls_name}.{name}: expected a string, got {shown(value)}")
         return str(value)
     return value
 
@@ -197,10 +211,12 @@ def from_dict(cls: type, data: dict[str, Any]) -> Any:
         data = _upgrade_train(data)
     hints = typing.get_type_hints(cls)
     valid = {f.name for f in fields(cls)}
-    unknown = sorted(set(data) - valid)
+    # A YAML key may be a number, null or a list: sorted by repr, so mixed types still make a message.
+    unknown = sorted(map(shown, set(data) - valid))
     if unknown:
         raise ConfigError(
-            f"unknown {cls.__name__} key(s) {', '.join(map(repr, unknown))}; valid keys: {', '.join(sorted(valid))}"
+            f"unknown {cls.__name__} key(s) {', '.join(unknown[:8])}{' ...' if len(unknown) > 8 else ''}; "
+            f"valid keys: {', '.join(sorted(valid))}"
         )
     kwargs = {k: _check_type(cls.__name__, k, hints[k], v) for k, v in data.items()}
     return cls(**kwargs)
@@ -210,22 +226,53 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return asdict(cfg)
 
 
+# A config is a few hundred bytes; reading at most this much keeps a wrong --config (an archive, a log)
+# from being read whole into memory before it is refused.
+MAX_CONFIG_BYTES = 1 << 20
+
+
 def load_yaml(cls: type, path: str | Path) -> Any:
+    """A ``cls`` from the YAML file ``path``; every failure is a `ConfigError` naming the file (and key).
+
+    ``yaml.safe_load`` builds plain values only: a ``!!python/...`` tag is an
+    error, never an object, so opening a config runs no code.
+    """
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        with open(path, "rb") as fh:
+            raw = fh.read(MAX_CONFIG_BYTES + 1)
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+    except OSError as e:
+        raise ConfigError(f"config file {path} cannot be read ({e.strerror or e})") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config file {path} is over {MAX_CONFIG_BYTES >> 20} MiB: not a localssl config")
     try:
-        return from_dict(cls, data)
+        data = yaml.safe_load(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {e.start}): not a YAML config") from None
+    except yaml.MarkedYAMLError as e:
+        # PyYAML's own text spans several lines and quotes the source; one line with the position is enough.
+        mark = e.problem_mark or e.context_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        if isinstance(e, yaml.constructor.ConstructorError) and e.problem and "tag" in e.problem:
+            raise ConfigError(f"config file {path}{where}: {e.problem} (a config holds plain values only; the tag "
+                              "was refused, nothing was run)") from None
+        raise ConfigError(f"config file {path} is not valid YAML{where}: {e.problem or e.context}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    except RecursionError:
+        raise ConfigError(f"config file {path} nests its values too deeply to be a config") from None
+    except ValueError as e:  # e.g. an integer of more digits than Python converts
+        raise ConfigError(f"config file {path} holds a value that cannot be read: {e}") from None
+    try:
+        return from_dict(cls, {} if data is None else data)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
 
 
 def save_yaml(cfg: Any, path: str | Path) -> None:
-    """Write ``cfg`` as YAML atomically (temp file + rename)."""
+    """Write ``cfg`` as YAML atomically (temp file + rename); a failed write leaves no temp file."""
     from localssl.atomic import atomic_file
 
     with atomic_file(path, "w") as fh:
@@ -247,17 +294,33 @@ def _check_finite_numbers(cfg: Any) -> None:
         values = value if isinstance(value, list) else [value]
         bad = [v for v in values if isinstance(v, float) and not math.isfinite(v)]
         if bad:
-            raise ConfigError(f"{f.name} must be a finite number, got {value!r}")
+            raise ConfigError(f"{f.name} must be a finite number, got {shown(value)}")
 
 
 # AdamW moves every parameter by about lr per step whatever the gradient's
 # scale (Loshchilov & Hutter 2019): above 1, one step outgrows any weight.
 MAX_LR = 1.0
+# numpy's legacy seeding takes 0 .. 2**32 - 1, and within it the trainer's per-epoch
+# generator seed (seed * 1_000_003 + epoch) stays far inside torch's 64-bit range.
+MAX_SEED = 2**32 - 1
+
+
+def _check_execution(seed: int, device: str, threads: int | None = None) -> None:
+    """Seed range, threads and device (known here and available), before any data is loaded."""
+    from localssl.engine.runtime import resolve_device  # imports torch
+
+    if not 0 <= seed <= MAX_SEED:
+        raise ConfigError(f"seed must be an integer in 0..{MAX_SEED} (2**32 - 1), got {shown(seed)}")
+    if threads is not None and threads < 1:
+        raise ConfigError(f"threads must be >= 1 (or unset for torch's default), got {threads}")
+    resolve_device(device)
 
 
 def validate_train(cfg: TrainConfig) -> None:
     """Catch impossible settings before any data is loaded or step is taken."""
     # Imported here: the registries import torch and the data loaders.
+    import torch
+
     from localssl.data import DATASETS, dataset_spec
     from localssl.models import ENCODERS, encoder_options
     from localssl.rules import RULES, rule_options
@@ -276,6 +339,7 @@ def validate_train(cfg: TrainConfig) -> None:
     if not str(cfg.out).strip():
         raise ConfigError("out must name the run's folder, got an empty string")
     _check_finite_numbers(cfg)
+    _check_execution(cfg.seed, cfg.device, cfg.threads)
     if cfg.lr > MAX_LR:
         raise ConfigError(f"lr must be <= {MAX_LR} (AdamW moves every weight by about lr per step), got {cfg.lr}")
     positive = {"width": cfg.width, "epochs": cfg.epochs, "lr": cfg.lr, "checkpoint_every": cfg.checkpoint_every,
@@ -305,6 +369,8 @@ def validate_train(cfg: TrainConfig) -> None:
     spec = dataset_spec(cfg.dataset)
     check_normalization(cfg.mean, cfg.std, None if spec.image_size is None else spec.channels)
     image_size = cfg.resize or spec.image_size
+    with torch.device("meta"):  # its width, whatever the image size (imagefolder's is known only later)
+        _build_encoder(cfg, spec.channels, image_size or 32)  # a size only for ResNet's stem: auto
     if image_size is None:
         return  # known only once the data is read (imagefolder): train() checks again then
     check_shapes(cfg, image_size, spec.channels)
@@ -356,6 +422,15 @@ def check_shapes(cfg: TrainConfig, image_size: int, channels: int) -> list[int]:
     return build_model(cfg, channels, image_size, rule_device="meta").grids
 
 
+def _build_encoder(cfg: TrainConfig, channels: int, image_size: int | None = None):
+    from localssl.models import build_encoder
+
+    try:
+        return build_encoder(cfg.encoder, cfg.width, channels, cfg.encoder_options, image_size=image_size)
+    except ValueError as e:  # the encoder's own check, e.g. a width that leaves a layer no channel
+        raise ConfigError(str(e)) from None
+
+
 def check_normalization(mean: list[float] | None, std: list[float] | None, channels: int | None = None) -> None:
     """``mean``/``std`` given together, one entry per channel, std > 0."""
     if (mean is None) != (std is None):
@@ -372,6 +447,7 @@ def check_normalization(mean: list[float] | None, std: list[float] | None, chann
 
 def validate_probe(cfg: ProbeConfig) -> None:
     _check_finite_numbers(cfg)
+    _check_execution(cfg.seed, cfg.device)
     if cfg.lr <= 0 or cfg.lr > MAX_LR:
         raise ConfigError(f"lr must be in (0, {MAX_LR}], got {cfg.lr}")
     bad = [p for p in cfg.protocols if p not in PROBE_PROTOCOLS]

@@ -33,9 +33,11 @@ class Registry(Generic[T]):
     def get(self, name: str) -> T:
         try:
             return self._items[name]
-        except KeyError:
+        except (KeyError, TypeError):  # TypeError: an unhashable name (a list from a YAML file)
+            from localssl.config import shown  # a name from a file may be a megabyte long: quoted shortened
+
             raise KeyError(
-                f"unknown {self.kind} {name!r}; valid {self.kind}s: {', '.join(sorted(self._items))}"
+                f"unknown {self.kind} {shown(name)}; valid {self.kind}s: {', '.join(sorted(self._items))}"
             ) from None
 
     def names(self) -> list[str]:

@@ -75,6 +75,13 @@ def test_wrong_type_names_the_key():
         ({"encoder": "resnet18", "encoder_options": {"depth": 34}}, r"'depth'; valid keys: cut, stem, zero_init"),
         ({"encoder_options": {"stem": "cifar"}}, "encoder 'vgg6' takes no encoder_options, got 'stem'"),
         ({"encoder": "resnet18", "grids": [8, 4, 4, 4, 2, 2]}, "6 entries but encoder resnet18 has 4 blocks"),
+        # A width whose narrowest layer (128 channels in VGG-6) rounds to 0, also where the image size is known
+        # only from the data (imagefolder): refused before any data is read.
+        ({"width": 1e-9}, r"width must be a finite number > 0\.00390625 \(1/256: at or below it vgg6's 128-channel"),
+        ({"width": 1 / 256, "dataset": "imagefolder"}, r"width must be a finite number > 0\.00390625"),
+        ({"width": 0.001, "encoder": "vgg8"}, r"width must be a finite number > 0\.00390625 .*got 0\.001"),
+        ({"seed": 2**70}, r"seed must be an integer in 0\.\.4294967295 \(2\*\*32 - 1\), got 1180591620717411303424"),
+        ({"seed": -1}, r"seed must be an integer in 0\.\.4294967295 \(2\*\*32 - 1\), got -1"),
     ],
 )
 def test_impossible_values_caught_before_training(kw, pattern):
@@ -139,6 +146,15 @@ def test_probe_config_checks_grids_and_resize():
     from localssl.config import validate_probe
 
     for bad, pattern in (({"resize": -1}, "resize must be > 0"), ({"grids": [0, 1]}, "grids must be >= 1")):
+        with pytest.raises(ConfigError, match=pattern):
+            validate_probe(ProbeConfig(**bad))
+
+
+def test_probe_config_checks_seed_and_device():
+    from localssl.config import validate_probe
+
+    for bad, pattern in (({"seed": 2**64}, r"seed must be an integer in 0\.\.4294967295"),
+                         ({"device": "tpu"}, "unknown device 'tpu'; valid: auto, cpu, cuda, cuda:N, mps")):
         with pytest.raises(ConfigError, match=pattern):
             validate_probe(ProbeConfig(**bad))
 

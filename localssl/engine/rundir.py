@@ -91,13 +91,18 @@ def prepare_run_folder(out: str | Path, resume: bool) -> RunFolderLock:
     """
     out = Path(out)
     if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} is a file, not a folder")
-    if resume:
-        if not out.is_dir():
-            raise ConfigError(f"cannot resume: {out} does not exist")
-    else:
-        out.mkdir(parents=True, exist_ok=True)
-    lock = RunFolderLock(out).acquire()
+        kind = "a file" if out.is_file() else "a device or other special file"
+        raise ConfigError(f"--out {out} is {kind}, not a folder: a run writes several files into its folder")
+    try:
+        if resume:
+            if not out.is_dir():
+                raise ConfigError(f"cannot resume: {out} does not exist")
+        else:
+            out.mkdir(parents=True, exist_ok=True)
+        lock = RunFolderLock(out).acquire()
+    except OSError as e:  # read-only, not ours, a file where a parent folder should be
+        raise ConfigError(f"--out {out}: cannot create or write the run folder "
+                          f"({e.strerror or e}{f': {e.filename}' if e.filename else ''})") from None
     try:
         # Temp files of writers killed mid-write (a checkpoint can be 100s of MB); the
         # lock means no live run writes here, but a probe may: only dead writers' go.

@@ -7,14 +7,36 @@ import random
 
 import torch
 
+#: The device names a run may ask for (``cuda:N`` picks one GPU).
+DEVICES = ("auto", "cpu", "cuda", "cuda:N", "mps")
+
 
 def resolve_device(name: str = "auto") -> torch.device:
-    """``auto`` -> CUDA when present, else CPU."""
+    """``auto`` -> CUDA when present, else CPU; anything else must exist here.
+
+    A `ConfigError` names the device and what is valid or available, so a
+    typo or a GPU-less machine is one line, not torch's list of every backend
+    it was built to know.
+    """
+    from localssl.config import ConfigError, shown
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} asked for, but CUDA is not available here")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"unknown device {shown(name)}; valid: {', '.join(DEVICES)}")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            here = "auto, cpu, mps" if torch.backends.mps.is_available() else "auto, cpu"
+            raise ConfigError(f"device {name!r} asked for, but CUDA is not available here; valid here: {here}")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"device {name!r} asked for, but this machine has {torch.cuda.device_count()} "
+                              f"CUDA device(s): cuda:0..cuda:{torch.cuda.device_count() - 1}")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"device {name!r} asked for, but MPS (Apple GPU) is not available here")
     return dev
 
 

@@ -25,6 +25,7 @@ import threading
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -37,14 +38,26 @@ from localssl.config import (
     ConfigError,
     TrainConfig,
     check_normalization,
-    from_dict,
     save_yaml,
+    shown,
     to_dict,
     validate_train,
 )
 from localssl.config import replace as replace_config
 from localssl.data import dataset_spec, load_dataset
-from localssl.engine.checkpoint import CHECKPOINT, ENCODER, load_checkpoint, rng_state, save_atomic, set_rng_state
+from localssl.data.cache import default_cache_dir
+from localssl.engine.checkpoint import (
+    CHECKPOINT,
+    ENCODER,
+    CheckpointError,
+    checkpoint_config,
+    load_checkpoint,
+    load_weights,
+    rng_state,
+    save_atomic,
+    set_rng_state,
+)
+from localssl.engine.dataid import check_same_data, data_identity
 from localssl.engine.metrics import MetricLog
 from localssl.engine.rundir import prepare_run_folder
 from localssl.engine.runtime import (
@@ -64,6 +77,14 @@ class NonFiniteWeightsError(NonFiniteLossError):
     """The weights became NaN/inf (an update overflowed, the losses were finite); they are not checkpointed."""
 
 
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint (or the final weights) could not be written, e.g. a full disk; the run stops there.
+
+    The file it would have replaced is untouched (writes are atomic) and the
+    message says which step it holds and where.
+    """
+
+
 class TrainingInterrupted(RuntimeError):
     """SIGTERM or SIGINT stopped the run after a finished step, with a checkpoint of that step.
 
@@ -78,7 +99,9 @@ class TrainingInterrupted(RuntimeError):
 
 
 # Options that may change when a run is resumed; anything else must match.
-# micro_batch changes memory and time, not the gradient.
+# micro_batch changes memory and time, not the gradient. data_dir may change
+# too when the checkpoint records its data's identity (`data_identity`): the
+# data, not the folder it was read from, is then what must match.
 RESUMABLE_CHANGES = {"epochs", "max_steps", "micro_batch", "progress", "checkpoint_every", "log_every", "device",
                      "threads", "retain_freed_memory", "out"}
 # Options whose default depends on the data; a run saves them resolved, and
@@ -91,8 +114,19 @@ def _load_images(cfg: TrainConfig):
     spec = dataset_spec(cfg.dataset)
     # max_items decodes only the (class-balanced, fixed) subset on a first load;
     # resize happens in that one decode too.
-    data = load_dataset(cfg.dataset, cfg.data_dir, spec.pretrain_split, download=cfg.download, max_items=cfg.subset,
-                        resize=cfg.resize)
+    try:
+        data = load_dataset(cfg.dataset, cfg.data_dir, spec.pretrain_split, download=cfg.download,
+                            max_items=cfg.subset, resize=cfg.resize)
+    except OSError as e:  # a read-only or full cache, an unreadable file: one line naming the path
+        if isinstance(e, FileNotFoundError):
+            raise  # the loaders' own message says which data set and where it looked
+        hint = ""
+        if e.filename is not None:
+            failed, cache = Path(e.filename).absolute(), default_cache_dir().absolute()
+            if failed.is_relative_to(cache) or cache.is_relative_to(failed):
+                hint = f"; the decode cache {cache} must be writable (set LOCALSSL_CACHE to a writable folder)"
+        where = e.filename or cfg.data_dir or "its source"
+        raise ConfigError(f"cannot load {cfg.dataset}: {where}: {e.strerror or e}{hint}") from None
     # Size and channels from the images (imagefolder: also its own mean/std, from the cache).
     spec = spec.resolved(data)
     if cfg.mean is not None and cfg.std is not None:
@@ -140,6 +174,16 @@ class _Batches:
         return torch.from_numpy(self.memmap[idx_sorted]).to(self.device)
 
 
+def _restore(entry: Any, load: Any, path: Path, name: str) -> None:
+    """``load(entry)``, its failure (an entry of another shape or layout) a `CheckpointError` naming it."""
+    try:
+        load(entry)
+    except (KeyError, ValueError, RuntimeError, TypeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise CheckpointError(f"{path}: entry {name!r} does not fit this run ({type(e).__name__}: {first[:200]})"
+                              ) from None
+
+
 def _nonfinite_parameters(*modules: nn.Module) -> list[str]:
     """Names of the parameters and buffers holding a NaN or inf (one device sync per tensor)."""
     return [name for m in modules for name, t in (*m.named_parameters(), *m.named_buffers())
@@ -167,14 +211,14 @@ def _train(cfg: TrainConfig, resume: bool, out: Path) -> Path:
     ckpt_path = out / CHECKPOINT
     state = None
     if resume:
-        state = load_checkpoint(ckpt_path)
+        state = load_checkpoint(ckpt_path, require=("encoder", "rule", "step", "rng", "config"))
         if "optimizer" not in state:
             raise ConfigError(
                 f"{ckpt_path} holds no 'optimizer' entry (written by an earlier localssl, which kept one optimizer "
                 "per group); it cannot be resumed by this version: its weights still load for `localssl probe`"
             )
-        # Through TrainConfig: a checkpoint of an earlier version has its rule options as top-level keys.
-        saved = to_dict(from_dict(TrainConfig, state["config"]))
+        # Through TrainConfig (checkpoint_config): an earlier version's rule options are top-level keys.
+        saved = to_dict(checkpoint_config(state, ckpt_path))
         cfg = replace_config(cfg, **{k: saved[k] for k in RESOLVED_AT_START
                                      if getattr(cfg, k) is None and saved.get(k) is not None})
         if cfg.encoder == saved.get("encoder") and cfg.encoder_options and saved.get("encoder_options"):
@@ -185,14 +229,18 @@ def _train(cfg: TrainConfig, resume: bool, out: Path) -> Path:
         if cfg.rule == saved.get("rule") and cfg.rule_options and saved.get("rule_options"):
             cfg = replace_config(cfg, rule_options=resolve_rule_options(
                 cfg.rule, {**saved["rule_options"], **cfg.rule_options}))
-        diff = {k: (saved[k], v) for k, v in to_dict(cfg).items() if k not in RESUMABLE_CHANGES and saved.get(k) != v}
+        # With the data's identity recorded, the data itself is compared once loaded, not its path.
+        may_change = RESUMABLE_CHANGES | ({"data_dir"} if "data" in state else set())
+        diff = {k: (saved[k], v) for k, v in to_dict(cfg).items() if k not in may_change and saved.get(k) != v}
         if diff:
             raise ConfigError(
                 "cannot resume with a different config: "
-                + "; ".join(f"{k}: run has {a!r}, asked {b!r}" for k, (a, b) in diff.items())
+                + "; ".join(f"{k}: run has {shown(a)}, asked {shown(b)}" for k, (a, b) in diff.items())
+                + (" (this checkpoint records no fingerprint of its data, so only its --data-dir can be checked)"
+                   if "data_dir" in diff else "")
             )
 
-    if cfg.threads:
+    if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     if cfg.retain_freed_memory:
         retain_freed_memory()
@@ -202,6 +250,9 @@ def _train(cfg: TrainConfig, resume: bool, out: Path) -> Path:
     amp_dtype = resolve_amp(cfg.amp, device)
 
     spec, data = _load_images(cfg)
+    identity = data_identity(data)
+    if state is not None and "data" in state:
+        check_same_data(state["data"], identity, ckpt_path, cfg.data_dir)
     # The run's config as used: grids fitted to this input size, the normalisation of
     # these images, the encoder's options with their size-dependent choices made (ResNet's
     # stem); probe and align read them back from config.yaml / the checkpoint.
@@ -215,6 +266,10 @@ def _train(cfg: TrainConfig, resume: bool, out: Path) -> Path:
     encoder.to(device, memory_format=mf)
     rule.to(device)
     optimizer = build_optimizer(encoder, rule, cfg.lr, cfg.weight_decay)
+    if state is not None:  # before anything in the folder is rewritten: a checkpoint that does not fit is refused
+        load_weights(encoder, state["encoder"], ckpt_path, "encoder")
+        load_weights(rule, state["rule"], ckpt_path, "rule")
+        _restore(state["optimizer"], optimizer.load_state_dict, ckpt_path, "optimizer")
     augment = build_views(cfg, spec.image_size, spec.mean, spec.std, spec.crop_scale, device)
     batches = _Batches(data.images, cfg.batch_size, cfg.seed, device)
     if batches.steps_per_epoch == 0:
@@ -234,13 +289,29 @@ def _train(cfg: TrainConfig, resume: bool, out: Path) -> Path:
 
     step = 0
     if state is not None:
-        encoder.load_state_dict(state["encoder"])
-        rule.load_state_dict(state["rule"])
-        optimizer.load_state_dict(state["optimizer"])
+        _restore(state["rng"], set_rng_state, ckpt_path, "rng")
         step = int(state["step"])
-        set_rng_state(state["rng"])
     log = MetricLog(out, resume_step=step if state is not None else None)
     env = environment_info(device)
+    last_good = [step] if state is not None else []  # the step the checkpoint on disk holds
+
+    def write(obj: Any, path: Path, what: str) -> None:
+        """`save_atomic`, whose failure (a full disk) stops the run naming what is kept."""
+        try:
+            save_atomic(obj, path)
+        except OSError as e:
+            if path != ckpt_path:  # the final weights: the checkpoint just written holds them too
+                kept = f"the checkpoint at {ckpt_path} holds the same weights (`localssl probe` reads it)"
+                then = ""
+            elif last_good:
+                kept = f"the last good checkpoint, of step {last_good[-1]}, is kept at {ckpt_path}"
+                then = f" Free some space, then continue with: localssl train --resume --out {out}"
+            else:
+                kept, then = "no checkpoint of this run was written before", " Free some space and start again."
+            raise CheckpointWriteError(
+                f"{what} of step {step} could not be written to {path} ({e.strerror or e}); {kept}, and the "
+                f"partial file was removed.{then}"
+            ) from None
 
     def checkpoint() -> None:
         # Losses can be finite while the update overflowed (a huge lr): check the weights themselves
@@ -253,7 +324,7 @@ def _train(cfg: TrainConfig, resume: bool, out: Path) -> Path:
                 f"overflowed; stopped without saving them. The last good checkpoint is kept at "
                 f"{ckpt_path if ckpt_path.exists() else '(none written yet)'}; lower --lr or change --amp."
             )
-        save_atomic(
+        write(
             {
                 "encoder": encoder.state_dict(),
                 "rule": rule.state_dict(),
@@ -263,9 +334,12 @@ def _train(cfg: TrainConfig, resume: bool, out: Path) -> Path:
                 "rng": rng_state(),
                 "config": to_dict(cfg),
                 "env": env,
+                "data": identity,
             },
             ckpt_path,
+            "the checkpoint",
         )
+        last_good.append(step)
 
     encoder.train()
     bar = tqdm(total=total, initial=step, disable=not cfg.progress, desc=f"{cfg.rule}", dynamic_ncols=True)
@@ -324,7 +398,7 @@ def _train(cfg: TrainConfig, resume: bool, out: Path) -> Path:
         raise TrainingInterrupted(
             f"{name} received: stopped after step {step} of {total}; checkpoint written to {ckpt_path}. "
             f"Continue with: localssl train --resume --out {out}", stop[0])
-    save_atomic(encoder.state_dict(), out / ENCODER)
+    write(encoder.state_dict(), out / ENCODER, "the encoder's weights")
     seconds = time.perf_counter() - t_start
     summary = {"steps": step, "images_seen_this_session": imgs_total, "seconds_this_session": seconds,
                "images_per_s": imgs_total / max(seconds, 1e-9), "final_loss": last_loss,
@@ -335,4 +409,4 @@ def _train(cfg: TrainConfig, resume: bool, out: Path) -> Path:
 
 
 __all__ = ["train", "train_step", "build_optimizer", "NonFiniteLossError", "NonFiniteWeightsError",
-           "TrainingInterrupted"]
+           "CheckpointWriteError", "TrainingInterrupted"]

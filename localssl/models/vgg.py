@@ -38,6 +38,13 @@ DEFAULT_GRIDS: dict[str, list[int]] = {
 
 
 def _vgg(name: str, width: float, in_channels: int) -> BlockEncoder:
+    # round(c * width) keeps a channel only above c * width = 0.5: the narrowest layer sets the smallest width.
+    c_min = min(c for c, _ in VGG_CONFIGS[name])
+    if not math.isfinite(width) or round(c_min * width) < 1:
+        raise ValueError(
+            f"width must be a finite number > {0.5 / c_min:g} (1/{2 * c_min}: at or below it {name}'s {c_min}-channel "
+            f"layer rounds to 0 channels), got {width}"
+        )
     blocks = []
     c_in = in_channels
     for c, pool in VGG_CONFIGS[name]:

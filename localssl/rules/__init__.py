@@ -29,7 +29,8 @@ from localssl.rules.registry import RULES, bp_counterpart, build_rule, register_
 __all__ = [
     "RULES", "FEEDBACK_KINDS", "Group", "Rule", "RuleOptions", "build_rule", "check_groups", "register_rule",
     "rule_options", "resolve_rule_options", "bp_counterpart",
-    "Blockwise", "Head", "inject_noise", "CLAPPPlusPlus", "BPCLAPPPlusPlus", "ContrastiveOptions", "BPInfoNCE", "InfoNCEOptions", "Feedback",
+    "Blockwise", "Head", "inject_noise",
+    "CLAPPPlusPlus", "BPCLAPPPlusPlus", "ContrastiveOptions", "BPInfoNCE", "InfoNCEOptions", "Feedback",
     "CONTRASTIVE_F", "contrastive_loss", "info_nce", "info_nce_symmetric", "nt_xent", "barlow_twins", "vicreg",
     "INFONCE_LOSSES", "scores", "spatial_pool", "swap_views",
 ]

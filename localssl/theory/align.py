@@ -418,9 +418,9 @@ def align_run(
     weights. Views are SimCLR views of the run's data set (pre-training split).
     """
     from localssl.builder import build_model, build_views
-    from localssl.config import ConfigError, TrainConfig, from_dict
+    from localssl.config import ConfigError
     from localssl.data import dataset_spec, load_dataset
-    from localssl.engine.checkpoint import CHECKPOINT, load_checkpoint
+    from localssl.engine.checkpoint import CHECKPOINT, checkpoint_config, load_checkpoint, load_weights
     from localssl.engine.runtime import resolve_device
     from localssl.rules import RULES
 
@@ -429,8 +429,8 @@ def align_run(
         raise ConfigError(f"need --batches >= 1 and --batch-size >= 2 (got {batches}, {batch_size})")
     run_dir = Path(run_dir)
     ckpt = Path(checkpoint) if checkpoint is not None else run_dir / CHECKPOINT
-    state = load_checkpoint(ckpt)
-    cfg = from_dict(TrainConfig, state["config"])
+    state = load_checkpoint(ckpt, require=("encoder", "config"))
+    cfg = checkpoint_config(state, ckpt)
     name = rule_name or cfg.rule
     if name not in RULES:
         raise ConfigError(f"unknown rule {name!r}; valid: {', '.join(RULES.names())}")
@@ -460,7 +460,7 @@ def align_run(
     model = build_model(cfg, spec.channels, spec.image_size, rule=name)
     encoder, rule = model.encoder, model.rule
     if not random_init:
-        encoder.load_state_dict(state["encoder"])
+        load_weights(encoder, state["encoder"], ckpt, "encoder")
     if not rule.local:
         why = "the run's rule" if rule_name is None else "rule"
         raise ConfigError(
@@ -472,7 +472,7 @@ def align_run(
         data = load_images()
     b_source = "fresh"
     if name == cfg.rule and not random_init and "rule" in state:
-        rule.load_state_dict(state["rule"])
+        load_weights(rule, state["rule"], ckpt, "rule")
         b_source = "checkpoint"
     encoder.to(dev)
     rule.to(dev)
