@@ -18,8 +18,9 @@ from typing import Any
 
 import torch
 
-from localssl.config import ConfigError, TrainConfig, check_grids, replace
+from localssl.config import OPTIMIZERS, ConfigError, TrainConfig, check_grids, replace
 from localssl.data.augment import SimCLRViews
+from localssl.engine.optim import LARS
 from localssl.engine.step import MicroBatchedStep, PlainStep, SequentialStep, Step
 from localssl.models import BlockEncoder, build_encoder, resolve_encoder_options
 from localssl.rules import RULES, Rule, build_rule, resolve_rule_options
@@ -86,8 +87,15 @@ def _fused_ok(params: list[torch.nn.Parameter]) -> bool:
     return bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
 
 
-def build_optimizer(encoder: BlockEncoder, rule: Rule, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    """One AdamW over every trainable parameter: all blocks and the rule's own (B, heads)."""
+def build_optimizer(encoder: BlockEncoder, rule: Rule, lr: float, weight_decay: float, optimizer: str = "adamw",
+                    momentum: float = 0.9) -> torch.optim.Optimizer:
+    """One optimizer over every trainable parameter: all blocks and the rule's own (B, heads).
+
+    ``optimizer="adamw"`` (METHODS 2.4, fused where it can be) or ``"lars"``
+    (`localssl.engine.optim.LARS`, as blockwise SSL trains, METHODS 5.1: the
+    biases and norms take neither weight decay nor the trust ratio). One
+    parameter group either way: the trainer sets its lr every step (`lr_at`).
+    """
     params = [p for p in encoder.parameters() if p.requires_grad]
     seen = {id(p) for p in params}
     for g in range(len(rule.groups())):
@@ -95,7 +103,11 @@ def build_optimizer(encoder: BlockEncoder, rule: Rule, lr: float, weight_decay: 
             if id(p) not in seen:  # a head shared by two groups is one parameter to the optimizer
                 seen.add(id(p))
                 params.append(p)
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=_fused_ok(params))
+    if optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=_fused_ok(params))
+    if optimizer == "lars":
+        return LARS(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    raise ConfigError(f"unknown optimizer {optimizer!r}; valid: {', '.join(OPTIMIZERS)}")
 
 
 def build_views(cfg: TrainConfig, image_size: int, mean, std, crop_scale, device: torch.device) -> SimCLRViews:

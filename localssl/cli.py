@@ -46,6 +46,12 @@ _HELP = {
     "batch_size": "images per batch (two views each)",
     "micro_batch": "views per chunk inside a step: the same gradient with one chunk's activations held, "
     "for one more forward pass",
+    "optimizer": "adamw (METHODS 2.4) or lars (momentum SGD, each weight's step scaled to its norm; biases and "
+    "norms without weight decay or scaling: as blockwise SSL trains, METHODS 5.1)",
+    "momentum": "momentum of lars (adamw ignores it)",
+    "lr_schedule": "constant, or cosine: from lr after the warmup down to --min-lr at the run's end",
+    "warmup_steps": "raise the lr linearly from 0 to --lr over the first N steps",
+    "min_lr": "the cosine schedule's final lr (absolute)",
     "amp": "auto (bf16 where the hardware has native bf16), bf16, or off",
     "checkpoint_every": "write the checkpoint every N steps (atomically)",
     "retain_freed_memory": "keep freed memory for the next block instead of returning it to the OS "

@@ -74,6 +74,12 @@ class TrainConfig:
     micro_batch: int | None = None  # views per chunk inside a step: less memory, one more forward
     lr: float = 2e-4
     weight_decay: float = 0.0
+    # blockwise SSL trains with LARS and warmup + cosine (METHODS 5.1); the defaults are METHODS 2.4's
+    optimizer: str = "adamw"  # adamw | lars (`localssl.engine.optim.LARS`)
+    momentum: float = 0.9  # LARS's momentum (AdamW has its betas)
+    lr_schedule: str = "constant"  # constant | cosine (`localssl.engine.optim.lr_at`)
+    warmup_steps: int = 0  # linear warmup from lr 0 over this many steps
+    min_lr: float = 0.0  # where the cosine ends, at the run's end (absolute, not a fraction of lr)
     seed: int = 0
     # execution
     device: str = "auto"
@@ -117,6 +123,8 @@ class ProbeConfig:
 
 PROBE_PROTOCOLS = ("fast", "paper", "paper-bn", "knn")
 AMP_MODES = ("auto", "bf16", "off")
+OPTIMIZERS = ("adamw", "lars")
+LR_SCHEDULES = ("constant", "cosine")
 
 
 def _check_type(cls_name: str, name: str, tp: Any, value: Any) -> Any:
@@ -340,8 +348,15 @@ def validate_train(cfg: TrainConfig) -> None:
         raise ConfigError("out must name the run's folder, got an empty string")
     _check_finite_numbers(cfg)
     _check_execution(cfg.seed, cfg.device, cfg.threads)
-    if cfg.lr > MAX_LR:
-        raise ConfigError(f"lr must be <= {MAX_LR} (AdamW moves every weight by about lr per step), got {cfg.lr}")
+    for key, value, valid in (("optimizer", cfg.optimizer, OPTIMIZERS),
+                              ("lr_schedule", cfg.lr_schedule, LR_SCHEDULES)):
+        if value not in valid:
+            raise ConfigError(f"unknown {key} {shown(value)}; valid: {', '.join(valid)}")
+    # LARS scales each weight's step to eta * lr of its norm, so MAX_LR's reason does not hold for it: blockwise
+    # SSL's own lr is 0.2 x batch / 256, 3.2 at its batch of 4096 (shoaibahmed/blockwise_ssl main.py).
+    if cfg.optimizer == "adamw" and cfg.lr > MAX_LR:
+        raise ConfigError(f"lr must be <= {MAX_LR} with optimizer adamw (AdamW moves every weight by about lr per "
+                          f"step), got {cfg.lr}")
     positive = {"width": cfg.width, "epochs": cfg.epochs, "lr": cfg.lr, "checkpoint_every": cfg.checkpoint_every,
                 "log_every": cfg.log_every}
     for k, v in positive.items():
@@ -349,6 +364,12 @@ def validate_train(cfg: TrainConfig) -> None:
             raise ConfigError(f"{k} must be > 0, got {v}")
     if cfg.weight_decay < 0:
         raise ConfigError(f"weight_decay must be >= 0, got {cfg.weight_decay}")
+    if not 0 <= cfg.momentum < 1:
+        raise ConfigError(f"momentum must be in [0, 1), got {cfg.momentum}")
+    if cfg.warmup_steps < 0:
+        raise ConfigError(f"warmup_steps must be >= 0, got {cfg.warmup_steps}")
+    if not 0 <= cfg.min_lr <= cfg.lr:
+        raise ConfigError(f"min_lr must be in [0, lr] (the cosine ends there; lr is {cfg.lr}), got {cfg.min_lr}")
     if cfg.max_steps is not None and cfg.max_steps <= 0:
         raise ConfigError(f"max_steps must be > 0, got {cfg.max_steps}")
     if cfg.micro_batch is not None and cfg.micro_batch <= 0:
@@ -466,5 +487,5 @@ def validate_probe(cfg: ProbeConfig) -> None:
 __all__ = [
     "ConfigError", "TrainConfig", "ProbeConfig", "from_dict", "to_dict", "load_yaml", "save_yaml", "replace",
     "parse_key_values", "validate_train", "validate_probe", "check_grids", "check_shapes",
-    "check_normalization",
+    "check_normalization", "OPTIMIZERS", "LR_SCHEDULES",
 ]

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from localssl.builder import options_for
+from localssl.engine.optim import LARS
 from localssl.engine.trainer import NonFiniteLossError, build_optimizer, train_step
 from localssl.models import build_encoder, split_into_blocks
 from localssl.rules import (
@@ -333,23 +334,26 @@ def test_block_by_block_adamw_equals_one_adamw_on_summed_loss(name):
         torch.testing.assert_close(named_a[n], named_b[n], rtol=1e-12, atol=1e-13, msg=n)
 
 
+@pytest.mark.parametrize("optimizer", ["adamw", "lars"])
 @pytest.mark.parametrize("name", DISJOINT_RULES)
-def test_one_step_at_the_end_equals_a_step_after_every_group(name):
-    """train_step's single AdamW step at the end == one AdamW per group, stepped right after its backward.
+def test_one_step_at_the_end_equals_a_step_after_every_group(name, optimizer):
+    """train_step's single optimizer step at the end == one optimizer per group, stepped right after its backward.
 
-    Bitwise: AdamW is element-wise, and no group reads a parameter that
+    Bitwise: AdamW is element-wise, LARS's trust ratio reads one tensor
+    (which one group owns), and no group reads a parameter that
     another group updates within the step. (Not so for overlapping groups,
     LoCo: a block shared by two losses would move between them.) This is what lets the trainer
     make one (fused) optimizer call per step instead of one per group.
     """
     enc, rule, views = setup(name, "vgg", b_l2=1e-3)
     enc_b, rule_b = copy.deepcopy(enc), copy.deepcopy(rule)
-    opt = build_optimizer(enc, rule, lr=1e-2, weight_decay=1e-2)
+    opt = build_optimizer(enc, rule, lr=1e-2, weight_decay=1e-2, optimizer=optimizer)
     per_group = []
     for g, group in enumerate(rule_b.groups()):
         params = [p for k in group.blocks for p in enc_b.blocks[k].parameters()] + rule_b.group_parameters(g)
-        per_group.append(torch.optim.AdamW(params, lr=1e-2, weight_decay=1e-2, fused=True))
-    assert opt.defaults["fused"]
+        per_group.append(torch.optim.AdamW(params, lr=1e-2, weight_decay=1e-2, fused=True) if optimizer == "adamw"
+                         else LARS(params, lr=1e-2, weight_decay=1e-2))
+    assert optimizer == "lars" or opt.defaults["fused"]
     for _ in range(3):
         train_step(enc, rule, opt, views)
         top = None

@@ -15,7 +15,12 @@ stepped right after its group's backward: AdamW is element-wise, and no group
 reads a parameter that another group updates within the step (group k+1's
 input was computed before any update). One step is one fused kernel and one
 Python call per training step instead of one per group, which is a visible
-share of a small local step on a CPU (``localssl bench``).
+share of a small local step on a CPU (``localssl bench``). ``--optimizer lars``
+swaps in LARS (blockwise SSL's optimizer, METHODS 5.1), the same way.
+
+Before every step the loop sets the lr to ``lr_at(step, ...)``
+(`localssl.engine.optim`): a function of the step alone, so a resumed run
+takes the lr an uninterrupted one would, with no scheduler state.
 """
 from __future__ import annotations
 
@@ -59,6 +64,7 @@ from localssl.engine.checkpoint import (
 )
 from localssl.engine.dataid import check_same_data, data_identity
 from localssl.engine.metrics import MetricLog
+from localssl.engine.optim import lr_at, set_lr
 from localssl.engine.rundir import prepare_run_folder
 from localssl.engine.runtime import (
     environment_info,
@@ -209,7 +215,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
 
 def _train(cfg: TrainConfig, resume: bool, out: Path) -> Path:
     ckpt_path = out / CHECKPOINT
-    state = None
+    state, saved = None, {}
     if resume:
         state = load_checkpoint(ckpt_path, require=("encoder", "rule", "step", "rng", "config"))
         if "optimizer" not in state:
@@ -265,7 +271,7 @@ def _train(cfg: TrainConfig, resume: bool, out: Path) -> Path:
         raise ConfigError(f"micro_batch needs an encoder without BatchNorm; {cfg.encoder} has {some_names(coupled)}")
     encoder.to(device, memory_format=mf)
     rule.to(device)
-    optimizer = build_optimizer(encoder, rule, cfg.lr, cfg.weight_decay)
+    optimizer = build_optimizer(encoder, rule, cfg.lr, cfg.weight_decay, cfg.optimizer, cfg.momentum)
     if state is not None:  # before anything in the folder is rewritten: a checkpoint that does not fit is refused
         load_weights(encoder, state["encoder"], ckpt_path, "encoder")
         load_weights(rule, state["rule"], ckpt_path, "rule")
@@ -277,6 +283,15 @@ def _train(cfg: TrainConfig, resume: bool, out: Path) -> Path:
     # --max-steps overrides --epochs (it may end mid-epoch, or run past epochs * steps per epoch).
     total = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * batches.steps_per_epoch
     step_fn = build_step(cfg, rule, total)
+    if state is not None and cfg.lr_schedule == "cosine":
+        # The cosine's lr at every step depends on the run's length: another length would give the steps
+        # still to run the lr of a run that never took the steps already taken.
+        run_total = saved["max_steps"] if saved["max_steps"] is not None else saved["epochs"] * batches.steps_per_epoch
+        if run_total != total:
+            raise ConfigError(
+                f"cannot resume lr_schedule cosine with another run length: the run is {run_total} steps, asked "
+                f"{total}; resume with --max-steps {run_total} (a cosine run cannot be lengthened: start a new one)"
+            )
     if state is not None and int(state["step"]) >= total:
         # Refused before anything in the folder is rewritten: the command asked for training and would do none.
         length = (f"--max-steps {cfg.max_steps}" if cfg.max_steps is not None
@@ -364,6 +379,7 @@ def _train(cfg: TrainConfig, resume: bool, out: Path) -> Path:
             epoch, i = divmod(step, batches.steps_per_epoch)
             x = batches.batch(epoch, i)
             views = augment(x)
+            set_lr(optimizer, lr_at(step, cfg.lr, total, cfg.lr_schedule, cfg.warmup_steps, cfg.min_lr))
             try:
                 losses = step_fn(encoder, rule, optimizer, views, step, device=device, amp_dtype=amp_dtype)
             except NonFiniteLossError as e:
@@ -375,14 +391,15 @@ def _train(cfg: TrainConfig, resume: bool, out: Path) -> Path:
             window_imgs += x.shape[0]
             imgs_total += x.shape[0]
             if step % cfg.log_every == 0 or step == total:
-                # A group that did not train this step (sequential schedule) logs null.
+                # A group that did not train this step (sequential schedule) logs null; lr: the one it stepped with.
                 vals = {g: None if v is None else float(v) for g, v in enumerate(losses)}
                 now = time.perf_counter()
                 ips = window_imgs / max(now - window_t, 1e-9)
                 window_t, window_imgs = now, 0
                 last_loss = sum(v for v in vals.values() if v is not None)
                 row = {"step": step, "epoch": step / batches.steps_per_epoch, "loss": last_loss,
-                       **{f"loss_{g + 1}": v for g, v in vals.items()}, "images_per_s": ips}
+                       **{f"loss_{g + 1}": v for g, v in vals.items()}, "lr": optimizer.param_groups[0]["lr"],
+                       "images_per_s": ips}
                 log.log(row)
                 bar.set_postfix(loss=f"{last_loss:.4f}", img_s=f"{ips:.0f}")
             bar.update(1)
