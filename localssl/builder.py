@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from localssl.config import OPTIMIZERS, ConfigError, TrainConfig, check_grids, replace
-from localssl.data.augment import SimCLRViews
+from localssl.data.augment import VIEW_MAKERS
 from localssl.engine.optim import LARS
 from localssl.engine.step import MicroBatchedStep, PlainStep, SequentialStep, Step
 from localssl.models import BlockEncoder, build_encoder, resolve_encoder_options
@@ -110,10 +110,13 @@ def build_optimizer(encoder: BlockEncoder, rule: Rule, lr: float, weight_decay: 
     raise ConfigError(f"unknown optimizer {optimizer!r}; valid: {', '.join(OPTIMIZERS)}")
 
 
-def build_views(cfg: TrainConfig, image_size: int, mean, std, crop_scale, device: torch.device) -> SimCLRViews:
-    """The view maker of the run: two SimCLR views per image, stacked [view 1; view 2]."""
+def build_views(cfg: TrainConfig, image_size: int, mean, std, crop_scale, device: torch.device,
+                rule: Rule | None = None) -> torch.nn.Module:
+    """The view maker the rule asks for (`Rule.view_maker`; every rule here: two SimCLR views per image,
+    stacked [view 1; view 2]); ``maker.batch(x_uint8)`` gives a `ViewBatch` that says its layout."""
     crop = tuple(cfg.crop_scale) if cfg.crop_scale else crop_scale
-    return SimCLRViews(image_size, mean, std, crop_scale=crop).to(device)
+    maker = VIEW_MAKERS.get(rule.view_maker if rule is not None else "simclr")
+    return maker(image_size, mean, std, crop_scale=crop).to(device)
 
 
 def build_step(cfg: TrainConfig, rule: Rule, total_steps: int) -> Step:

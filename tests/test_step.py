@@ -171,3 +171,23 @@ def test_a_non_finite_loss_stops_the_step_before_the_update():
     with pytest.raises(NonFiniteLossError, match=r"loss of group 3 \(blocks \[3, 4\]\) is nan"):
         train_step(enc, rule, opt, views)
     assert all(torch.equal(p, q) for p, q in zip(enc.parameters(), before.parameters()))
+
+
+def test_a_batch_says_its_layout_and_the_step_checks_it_against_the_rules():
+    from localssl.data.augment import SimCLRViews, ViewBatch, ViewLayout
+
+    enc, rule, views = setup()
+    maker = SimCLRViews(8, (0.5,) * 3, (0.25,) * 3)
+    batch = maker.batch(torch.randint(0, 256, (4, 8, 8, 3), dtype=torch.uint8))
+    assert batch.layout == ViewLayout(2, "rows") == rule.layout and batch.x.shape == (8, 3, 8, 8)
+    assert batch.images == 4
+    losses = PlainStep()(enc, rule, None, batch)
+    assert len(losses) == 4
+    rule.layout = ViewLayout(2, "channels")  # a rule that reads channel-stacked views (SCFF-like)
+    with pytest.raises(ValueError, match=r"reads batches laid out as ViewLayout\(n=2, stacking='channels'\)"):
+        PlainStep()(enc, rule, None, batch)
+    with pytest.raises(ValueError, match="pass a ViewBatch"):
+        PlainStep()(enc, rule, None, views)
+    with pytest.raises(ValueError, match="stacking"):
+        ViewLayout(2, "diagonal")
+    assert isinstance(ViewBatch(views, ViewLayout()).images, int)

@@ -9,10 +9,46 @@ blur on tensors, so no PIL or worker processes are involved.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import kornia.augmentation as K
 import torch
 from torch import nn
+
+from localssl.registry import Registry
+
+STACKINGS = ("rows", "channels")
+
+
+@dataclass(frozen=True)
+class ViewLayout:
+    """How a batch holds its views: ``n`` views of each of B images, stacked along the rows
+    (``[view 1; view 2]``, (nB, C, H, W): SimCLR and every rule here) or the channels
+    ((B, nC, H, W): SCFF's concatenated views, METHODS 5.3)."""
+
+    n: int = 2
+    stacking: str = "rows"
+
+    def __post_init__(self) -> None:
+        if self.n < 1 or self.stacking not in STACKINGS:
+            raise ValueError(f"a view layout needs n >= 1 and stacking in {STACKINGS}, got {self.n}, {self.stacking!r}")
+
+
+@dataclass
+class ViewBatch:
+    """A batch of views that says how they are laid out; the step checks it against the rule's."""
+
+    x: torch.Tensor
+    layout: ViewLayout
+
+    @property
+    def images(self) -> int:
+        return self.x.shape[0] // self.layout.n if self.layout.stacking == "rows" else self.x.shape[0]
+
+
+#: View makers by name: a rule names the one it needs (`Rule.view_maker`); `localssl.builder.build_views`
+#: builds it as ``maker(image_size, mean, std, crop_scale=...)``; ``maker.batch(x_uint8) -> ViewBatch``.
+VIEW_MAKERS: Registry[type[nn.Module]] = Registry("view maker")
 
 
 def to_float_nchw(x: torch.Tensor) -> torch.Tensor:
@@ -46,6 +82,7 @@ class Preprocess(nn.Module):
         return (to_float_nchw(x) - self.mean) / self.std
 
 
+@VIEW_MAKERS.register("simclr")
 class SimCLRViews(nn.Module):
     """Two SimCLR views per image, stacked: rows 0..B-1 are view 1, B..2B-1 view 2.
 
@@ -89,6 +126,12 @@ class SimCLRViews(nn.Module):
 
     def one_view(self, x_float: torch.Tensor) -> torch.Tensor:
         return self.augment(x_float)
+
+    layout = ViewLayout(2, "rows")
+
+    def batch(self, x: torch.Tensor) -> ViewBatch:
+        """uint8 (B, H, W, C) -> a `ViewBatch` of the (2B, C, H, W) views, view 1 stacked on view 2."""
+        return ViewBatch(self(x), self.layout)
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:

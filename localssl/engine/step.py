@@ -20,6 +20,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from localssl.data.augment import ViewBatch, ViewLayout
 from localssl.engine.runtime import autocast
 from localssl.models import BlockEncoder
 from localssl.rules import Group, Rule
@@ -33,8 +34,27 @@ Losses = list[torch.Tensor | None]
 """Each group's detached loss this step; None for a group that did not train (sequential mode)."""
 
 
+def unpack(views: torch.Tensor | ViewBatch, rule: Rule) -> torch.Tensor:
+    """The tensor of a batch, after checking that its layout is the one the rule's loss reads.
+
+    A plain tensor is taken as the default layout ([view 1; view 2] rows), as the
+    benchmarks and the gradient analyses build it.
+    """
+    if isinstance(views, ViewBatch):
+        if views.layout != rule.layout:
+            raise ValueError(f"{type(rule).__name__} reads batches laid out as {rule.layout}, got {views.layout}: "
+                             f"build the views with the rule's view maker {rule.view_maker!r}")
+        return views.x
+    if rule.layout != ViewLayout():
+        raise ValueError(f"{type(rule).__name__} reads batches laid out as {rule.layout}: pass a ViewBatch")
+    return views
+
+
 class Step(ABC):
-    """How one step runs. Subclasses implement ``__call__``; they hold options, never model state."""
+    """How one step runs. Subclasses implement ``__call__``; they hold options, never model state.
+
+    ``views`` is a `ViewBatch` (or a tensor in the default layout); `unpack` checks it.
+    """
 
     @abstractmethod
     def __call__(self, encoder: BlockEncoder, rule: Rule, optimizer: torch.optim.Optimizer | None,
@@ -51,7 +71,7 @@ def train_step(
     encoder: BlockEncoder,
     rule: Rule,
     optimizer: torch.optim.Optimizer | None,
-    views: torch.Tensor,
+    views: torch.Tensor | ViewBatch,
     device: torch.device | None = None,
     amp_dtype: torch.dtype | None = None,
     micro_batch: int | None = None,
@@ -60,7 +80,8 @@ def train_step(
 
     A chunk as large as the batch is the plain step.
     """
-    step: Step = PlainStep() if micro_batch is None or micro_batch >= views.shape[0] else MicroBatchedStep(micro_batch)
+    n = views.x.shape[0] if isinstance(views, ViewBatch) else views.shape[0]
+    step: Step = PlainStep() if micro_batch is None or micro_batch >= n else MicroBatchedStep(micro_batch)
     return step(encoder, rule, optimizer, views, device=device, amp_dtype=amp_dtype)  # type: ignore[return-value]
 
 
@@ -158,6 +179,7 @@ class PlainStep(Step):
     """Every group in turn: forward through its blocks, its loss, its backward; then one optimizer step."""
 
     def __call__(self, encoder, rule, optimizer, views, index=0, *, device=None, amp_dtype=None) -> Losses:
+        views = unpack(views, rule)
         ctx = _amp(views, device, amp_dtype)
         groups = rule.groups()
         top = _top_context(encoder, rule, views, ctx)
@@ -203,6 +225,7 @@ class MicroBatchedStep(Step):
         self.micro_batch = micro_batch
 
     def __call__(self, encoder, rule, optimizer, views, index=0, *, device=None, amp_dtype=None) -> Losses:
+        views = unpack(views, rule)
         if rule.perturbs:
             raise ValueError("micro-batching recomputes every block output, and this rule perturbs them at random "
                              "(noise injection): unset micro_batch, or the rule's noise")
@@ -275,6 +298,7 @@ class SequentialStep(Step):
         return min(index // self.steps_per_group, num_groups - 1)
 
     def __call__(self, encoder, rule, optimizer, views, index=0, *, device=None, amp_dtype=None) -> Losses:
+        views = unpack(views, rule)
         groups = rule.groups()
         if any(set(a.blocks) & set(b.blocks) for i, a in enumerate(groups) for b in groups[i + 1:]):
             raise ValueError("sequential training needs groups that do not overlap")
@@ -310,4 +334,4 @@ class SequentialStep(Step):
 
 
 __all__ = ["Step", "PlainStep", "MicroBatchedStep", "SequentialStep", "train_step", "check_finite",
-           "batch_coupling_modules", "NonFiniteLossError", "Losses"]
+           "batch_coupling_modules", "NonFiniteLossError", "Losses", "unpack"]

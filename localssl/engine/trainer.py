@@ -276,7 +276,7 @@ def _train(cfg: TrainConfig, resume: bool, out: Path) -> Path:
         load_weights(encoder, state["encoder"], ckpt_path, "encoder")
         load_weights(rule, state["rule"], ckpt_path, "rule")
         _restore(state["optimizer"], optimizer.load_state_dict, ckpt_path, "optimizer")
-    augment = build_views(cfg, spec.image_size, spec.mean, spec.std, spec.crop_scale, device)
+    augment = build_views(cfg, spec.image_size, spec.mean, spec.std, spec.crop_scale, device, rule)
     batches = _Batches(data.images, cfg.batch_size, cfg.seed, device)
     if batches.steps_per_epoch == 0:
         raise ConfigError(f"{len(data)} images make no batch of {cfg.batch_size}")
@@ -378,7 +378,7 @@ def _train(cfg: TrainConfig, resume: bool, out: Path) -> Path:
         while step < total and not stop:
             epoch, i = divmod(step, batches.steps_per_epoch)
             x = batches.batch(epoch, i)
-            views = augment(x)
+            views = augment.batch(x)
             set_lr(optimizer, lr_at(step, cfg.lr, total, cfg.lr_schedule, cfg.warmup_steps, cfg.min_lr))
             try:
                 losses = step_fn(encoder, rule, optimizer, views, step, device=device, amp_dtype=amp_dtype)

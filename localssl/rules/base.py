@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from localssl.data.augment import ViewLayout
+
 FEEDBACK_KINDS = ("trainable", "identity", "fixed")
 
 
@@ -98,6 +100,9 @@ class Rule(nn.Module):
     #: How the groups train: all every step ("simultaneous") or one after the other ("sequential",
     #: `localssl.engine.step.SequentialStep`).
     schedule: str = "simultaneous"
+    #: The view maker the rule trains on (`localssl.data.augment.VIEW_MAKERS`) and the layout of its batches.
+    view_maker: str = "simclr"
+    layout: ViewLayout = ViewLayout(2, "rows")
     #: True when `handoff` changes block outputs (noise injection): the step cannot be micro-batched then.
     perturbs: bool = False
 
