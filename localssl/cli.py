@@ -6,8 +6,9 @@
     localssl bench [--json]
     localssl theory [EXPERIMENT]
     localssl align RUN_DIR
+    localssl compare --rules RULE RULE ... --encoder resnet18 --dataset cifar10 --budget 2000
 
-Every ``train``/``probe`` flag is generated from the fields of the config
+Every ``train``/``probe``/``compare`` flag is generated from the fields of the config
 dataclasses, so the command line and the YAML files can never drift apart.
 """
 from __future__ import annotations
@@ -57,8 +58,9 @@ _HELP = {
     "retain_freed_memory": "keep freed memory for the next block instead of returning it to the OS "
     "(glibc; saves page faults, changes no result)",
     "random_init": "probe an untrained encoder of the same shape instead",
-    "protocols": "fast (features once, linear), paper (METHODS 2.5: raw features, RandomResizedCrop 0.08-1 + flip, "
-                 "final and best), paper-bn (ours: BatchNorm + pad-4 crop), knn",
+    "protocols": "fast (features once, linear on all layers and on the last), blocks (the same, one linear probe "
+                 "per block on its globally pooled output: fast_block_1..L), paper (METHODS 2.5: raw features, "
+                 "RandomResizedCrop 0.08-1 + flip, final and best), paper-bn (ours: BatchNorm + pad-4 crop), knn",
     "epochs_paper": "epochs of the paper and paper-bn probes (the paper uses 300)",
 }
 
@@ -67,15 +69,21 @@ _HELP = {
 _ALIASES = {"encoder_options": ("--encoder-opt",), "rule_options": ("--rule-opt",)}
 
 
-def _add_dataclass_flags(p: argparse.ArgumentParser, cls: type, skip: set[str]) -> None:
+def add_dataclass_flags(p: argparse.ArgumentParser, cls: type, skip: set[str] = frozenset(),
+                        helps: dict[str, str] | None = None) -> None:
+    """One flag per field of the config dataclass ``cls`` (but ``skip``), typed from its annotation.
+
+    ``helps``: help texts of this command's fields, over the shared ones.
+    """
     hints = typing.get_type_hints(cls)
+    texts = {**_HELP, **(helps or {})}
     for f in fields(cls):
         if f.name in skip:
             continue
         flag = "--" + f.name.replace("_", "-")
         tp = hints[f.name]
         default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
-        help_ = f"{_HELP.get(f.name, f.name.replace('_', ' '))} (default: {default})"
+        help_ = f"{texts.get(f.name, f.name.replace('_', ' '))} (default: {default})"
         base = tp
         if typing.get_origin(tp) in (typing.Union, types.UnionType):  # X | None -> X
             base = next(a for a in typing.get_args(tp) if a is not type(None))
@@ -90,7 +98,7 @@ def _add_dataclass_flags(p: argparse.ArgumentParser, cls: type, skip: set[str]) 
             p.add_argument(flag, dest=f.name, default=None, help=help_)
 
 
-def _resolve(cls: type, args: argparse.Namespace, base: Any = None) -> Any:
+def resolve_args(cls: type, args: argparse.Namespace, base: Any = None) -> Any:
     """Config = dataclass defaults <- YAML file <- command-line flags."""
     data = to_dict(base) if base is not None else {}
     if getattr(args, "config", None):
@@ -125,7 +133,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             # --max-steps overrides --epochs, so a run's saved max_steps would ignore the --epochs asked for:
             # on resume, --epochs alone sets the run's length in epochs.
             base.max_steps = None
-    cfg = _resolve(TrainConfig, args, base)
+    cfg = resolve_args(TrainConfig, args, base)
     out = train(cfg, resume=args.resume)
     print(f"run written to {out}")
     return 0
@@ -134,7 +142,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_probe(args: argparse.Namespace) -> int:
     from localssl.evaluation.run import probe_run
 
-    cfg = _resolve(ProbeConfig, args)
+    cfg = resolve_args(ProbeConfig, args)
     result, path = probe_run(cfg)
     print(f"probe results written to {path}")
     return 0
@@ -162,13 +170,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="pre-train an encoder with a rule")
     p.add_argument("--config", help="YAML file with TrainConfig keys (flags override it)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    _add_dataclass_flags(p, TrainConfig, skip=set())
+    add_dataclass_flags(p, TrainConfig, skip=set())
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("probe", help="linear probes and kNN on a frozen encoder")
     p.add_argument("run", help="run folder written by `localssl train`")
     p.add_argument("--config", help="YAML file with ProbeConfig keys (flags override it)")
-    _add_dataclass_flags(p, ProbeConfig, skip={"run"})
+    add_dataclass_flags(p, ProbeConfig, skip={"run"})
     p.set_defaults(func=cmd_probe)
 
     p = sub.add_parser("rules", help="list the registered rules")
@@ -189,6 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
     from localssl.reports.tables import add_report_parser
 
     add_report_parser(sub)
+    from localssl.reports.compare import add_compare_parser
+
+    add_compare_parser(sub)
     return parser
 
 

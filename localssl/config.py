@@ -121,7 +121,78 @@ class ProbeConfig:
     out: str | None = None
 
 
-PROBE_PROTOCOLS = ("fast", "paper", "paper-bn", "knn")
+@dataclass
+class CompareConfig:
+    """Everything that defines a comparison of rules on equal terms (``localssl compare``).
+
+    Every rule trains on the same encoder, data, budget (in steps), batch,
+    optimizer and seed, each into ``out/<rule>/`` (a normal run folder); all
+    are probed with the same protocols, and so is a random-init encoder of
+    the same shape.
+    """
+
+    rules: list[str] = field(default_factory=list)
+    encoder: str = "vgg6"
+    width: float = 0.25
+    encoder_options: dict[str, Any] | None = None
+    # rule name -> that rule's own options (YAML: a mapping of mappings; command line:
+    # RULE:KEY=VALUE, which __post_init__ nests); a rule not listed: its defaults.
+    rule_options: dict[str, Any] | None = None
+    dataset: str = "shapes10"
+    data_dir: str | None = None
+    subset: int | None = None
+    resize: int | None = None
+    budget: int | None = None  # training steps of every rule (each run's max_steps); required
+    batch_size: int = 32
+    lr: float = 2e-4
+    seed: int = 0
+    device: str = "auto"
+    amp: str = "auto"
+    threads: int | None = None
+    # probes: `localssl probe` protocols, the same for every rule and for random-init
+    probes: list[str] = field(default_factory=lambda: ["blocks", "fast", "knn"])
+    probe_epochs: int = 100  # of the fast linear probes (fast, blocks)
+    paper_epochs: int = 30  # of the paper and paper-bn probes, when asked
+    probe_train_subset: int | None = None
+    probe_test_subset: int | None = None
+    # speed and memory, measured for every rule in one process (`localssl bench`'s tools)
+    measure: bool = True
+    measure_steps: int = 5
+    measure_warmup: int = 2
+    measure_rounds: int = 3
+    checkpoint_every: int = 500
+    progress: bool = False  # progress bars of training and probes (one line per run is always printed)
+    out: str = "runs/compare"
+
+    def __post_init__(self) -> None:
+        self.rule_options = nest_rule_options(self.rule_options)
+
+
+def nest_rule_options(options: dict[str, Any] | None) -> dict[str, dict[str, Any]] | None:
+    """``{"A:overlap": "2", "B": {"temperature": 0.2}}`` as ``{"A": {"overlap": "2"}, "B": {...}}`` (A, B: rules).
+
+    The command line gives one rule's option as ``RULE:KEY=VALUE`` (a rule
+    name holds no ``:``); YAML gives a mapping per rule. Both may mix: a
+    flag's ``RULE:KEY`` overrides that key of the file's mapping.
+    """
+    if not options:
+        return None
+    nested: dict[str, dict[str, Any]] = {}
+    for key, value in options.items():
+        rule, sep, opt = key.partition(":")
+        if sep:
+            if not rule or not opt:
+                raise ConfigError(f"CompareConfig.rule_options: expected RULE:KEY=VALUE, got {shown(key)}")
+            nested.setdefault(rule, {})[opt] = value
+        elif isinstance(value, dict):
+            nested[key] = {**value, **nested.get(key, {})}
+        else:
+            raise ConfigError(f"CompareConfig.rule_options: {shown(key)} must map a rule to its options (YAML) or "
+                              f"be RULE:KEY (command line), got {shown(value)}")
+    return nested
+
+
+PROBE_PROTOCOLS = ("fast", "blocks", "paper", "paper-bn", "knn")
 AMP_MODES = ("auto", "bf16", "off")
 OPTIMIZERS = ("adamw", "lars")
 LR_SCHEDULES = ("constant", "cosine")
@@ -485,7 +556,7 @@ def validate_probe(cfg: ProbeConfig) -> None:
 
 
 __all__ = [
-    "ConfigError", "TrainConfig", "ProbeConfig", "from_dict", "to_dict", "load_yaml", "save_yaml", "replace",
-    "parse_key_values", "validate_train", "validate_probe", "check_grids", "check_shapes",
-    "check_normalization", "OPTIMIZERS", "LR_SCHEDULES",
+    "ConfigError", "TrainConfig", "ProbeConfig", "CompareConfig", "nest_rule_options", "from_dict", "to_dict",
+    "load_yaml", "save_yaml", "replace", "parse_key_values", "validate_train", "validate_probe", "check_grids",
+    "check_shapes", "check_normalization", "OPTIMIZERS", "LR_SCHEDULES",
 ]

@@ -114,15 +114,15 @@ def test_cli_list_flags_parse_to_typed_lists(tmp_path, monkeypatch):
     monkeypatch.setattr(tr, "train", lambda cfg, resume=False: seen.setdefault("cfg", cfg) and tmp_path)
     main(["train", "--grids", "8", "4", "4", "4", "2", "2", "--crop-scale", "0.2", "1", "--out", str(tmp_path)])
     assert seen["cfg"].grids == [8, 4, 4, 4, 2, 2] and seen["cfg"].crop_scale == [0.2, 1.0]
-    from localssl.cli import _resolve, build_parser
+    from localssl.cli import build_parser, resolve_args
 
     args = build_parser().parse_args(["probe", "runs/x", "--protocols", "fast", "knn", "paper"])
-    assert _resolve(ProbeConfig, args).protocols == ["fast", "knn", "paper"]
+    assert resolve_args(ProbeConfig, args).protocols == ["fast", "knn", "paper"]
     args = build_parser().parse_args(["probe", "runs/x", "--grids", "7", "2", "2", "1", "1", "1", "--resize", "28"])
-    probe = _resolve(ProbeConfig, args)
+    probe = resolve_args(ProbeConfig, args)
     assert probe.grids == [7, 2, 2, 1, 1, 1] and probe.resize == 28
     args = build_parser().parse_args(["train", "--resize", "64", "--mean", "0.5", "--std", "0.25"])
-    cfg = _resolve(TrainConfig, args)
+    cfg = resolve_args(TrainConfig, args)
     assert (cfg.resize, cfg.mean, cfg.std) == (64, [0.5], [0.25])
 
 

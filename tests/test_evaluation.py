@@ -374,6 +374,50 @@ def test_run_probe_reads_the_class_from_mean_colour(encoder, data):
     assert r["seconds"] > 0
 
 
+class _Mask(nn.Module):
+    """Keeps the left half of the map: its global mean is then the left half's brightness."""
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        mask = torch.zeros_like(h)
+        mask[..., : h.shape[-1] // 2] = 1
+        return h * mask
+
+
+def test_the_blocks_probe_reads_each_block_alone(monkeypatch):
+    """Block 1 holds the class only in *where* the bright half is (global pooling loses it), block 2 turns
+    that into its mean (informative), block 3 zeroes everything: only block 2's probe reads the class."""
+    from localssl.models.blocks import BlockEncoder
+
+    rng = np.random.default_rng(0)
+
+    def halves(n: int) -> SimpleNamespace:
+        y = rng.integers(0, 2, n)
+        img = np.full((n, 8, 8, 3), 50, np.uint8)
+        img[y == 0, :, :4] = 200  # class 0: bright left half; class 1: bright right half, the same mean
+        img[y == 1, :, 4:] = 200
+        return SimpleNamespace(images=img, labels=y.astype(np.int64), classes=["left", "right"])
+
+    train, test = halves(64), halves(64)
+    enc = BlockEncoder([nn.Identity(), _Mask(), nn.Conv2d(3, 3, 1).requires_grad_(False)])
+    nn.init.zeros_(enc.blocks[2].weight)
+    nn.init.zeros_(enc.blocks[2].bias)
+    fits = []
+    real_fit = linear_mod.fit_linear
+    monkeypatch.setattr(linear_mod, "fit_linear", lambda x, *a, **k: fits.append(x.shape) or real_fit(x, *a, **k))
+    r = run_probe(enc, train, test, mean=MEAN, std=STD, grids=1, protocols=("fast", "blocks"), fast_epochs=30,
+                  seed=0)
+    chance = max(np.mean(test.labels == c) for c in (0, 1))  # a constant feature predicts one class
+    assert r["fast_block_1"]["test_acc"] == pytest.approx(chance)
+    assert r["fast_block_2"]["test_acc"] == 1.0
+    assert r["fast_block_3"]["test_acc"] == pytest.approx(chance)
+    assert "fast_block_4" not in r
+    # The recipe of fast_last: the last block's probe is the last-layer probe, number for number.
+    assert r["fast_block_3"] == r["fast_last"]
+    assert r["feature_dims"]["block_dims"] == [3, 3, 3]
+    # One probe per block on that block's 3 pooled channels, after fast's two (all layers, last layer).
+    assert fits == [(64, 9), (64, 3), (64, 3), (64, 3), (64, 3)]
+
+
 def test_run_probe_is_at_chance_on_random_labels(encoder):
     train, test = colour_images(160, seed=3, random_labels=True), colour_images(200, seed=4, random_labels=True)
     r = run_probe(encoder, train, test, mean=MEAN, std=STD, grids=GRIDS, protocols=("fast", "knn"),

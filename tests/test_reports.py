@@ -65,3 +65,20 @@ def test_report_reads_an_older_paper_probe_as_paper_bn(tmp_path):
     text = describe(rows)
     assert "2 epochs (the paper: 300) on 50 train images" in text
     assert "paper-bn (ours, not the paper's" in text and "3 epochs on 100 train images / 3 epochs on 50" in text
+
+
+def test_report_shows_the_per_block_probes_where_a_run_has_them(tmp_path):
+    blocks = {f"fast_block_{k}": {"test_acc": 0.1 * k} for k in (1, 2, 3)}
+    _run(tmp_path, "a", FAST | blocks)
+    _run(tmp_path, "b", FAST)  # probed without the blocks protocol: its cells are "-"
+    rows = collect(tmp_path / "runs")
+    lines = markdown_table(rows).splitlines()
+    head = lines[0].split(" | ")
+    last = head.index("linear, last layer (fast)")
+    assert head[last + 1:last + 4] == [f"linear, block {k} (fast)" for k in (1, 2, 3)]
+    assert head[last + 4] == "kNN, last layer"
+    assert lines[2].startswith("| clapp++ | - | - | 51.23 | 25.00 | 10.00 | 20.00 | 30.00 | 20.00 |")
+    assert lines[4].startswith("| clapp++ | - | - | 51.23 | 25.00 | - | - | - | 20.00 |")
+    assert "Block k (fast): the same linear probe on block k's output alone" in describe(rows)
+    rows = collect(tmp_path / "runs")[2:]  # run b alone: no block columns
+    assert "block 1" not in markdown_table(rows) and "Block k" not in describe(rows)

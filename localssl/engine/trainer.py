@@ -115,6 +115,33 @@ RESUMABLE_CHANGES = {"epochs", "max_steps", "micro_batch", "progress", "checkpoi
 RESOLVED_AT_START = ("grids", "mean", "std", "encoder_options", "rule_options")
 
 
+def resume_config(cfg: TrainConfig, saved: TrainConfig,
+                  data_recorded: bool = True) -> tuple[TrainConfig, dict[str, tuple[Any, Any]]]:
+    """``cfg`` as a resume of the run saved as ``saved`` reads it, and what differs between them.
+
+    What ``cfg`` leaves unset of `RESOLVED_AT_START` is the run's; options it
+    gives complete the run's saved ones. The difference maps every other
+    option that is not a `RESUMABLE_CHANGES` to ``(run's value, asked
+    value)``: a resume with any is refused. ``data_recorded``: the checkpoint
+    holds its data's identity, so the data, not its folder, must match.
+    """
+    saved_d = to_dict(saved)
+    cfg = replace_config(cfg, **{k: saved_d[k] for k in RESOLVED_AT_START
+                                 if getattr(cfg, k) is None and saved_d.get(k) is not None})
+    if cfg.encoder == saved.encoder and cfg.encoder_options and saved.encoder_options:
+        # Options asked for (by a config file, or --encoder-opt) complete the run's saved ones, and
+        # compare as the typed values the run saved ("true" from the command line is True).
+        cfg = replace_config(cfg, encoder_options=resolve_encoder_options(
+            cfg.encoder, {**saved.encoder_options, **cfg.encoder_options}, None))
+    if cfg.rule == saved.rule and cfg.rule_options and saved.rule_options:
+        cfg = replace_config(cfg, rule_options=resolve_rule_options(
+            cfg.rule, {**saved.rule_options, **cfg.rule_options}))
+    # With the data's identity recorded, the data itself is compared once loaded, not its path.
+    may_change = RESUMABLE_CHANGES | ({"data_dir"} if data_recorded else set())
+    diff = {k: (saved_d[k], v) for k, v in to_dict(cfg).items() if k not in may_change and saved_d.get(k) != v}
+    return cfg, diff
+
+
 def _load_images(cfg: TrainConfig):
     """The pre-training images and their spec, with size, channels and normalisation as trained on."""
     spec = dataset_spec(cfg.dataset)
@@ -224,20 +251,7 @@ def _train(cfg: TrainConfig, resume: bool, out: Path) -> Path:
                 "per group); it cannot be resumed by this version: its weights still load for `localssl probe`"
             )
         # Through TrainConfig (checkpoint_config): an earlier version's rule options are top-level keys.
-        saved = to_dict(checkpoint_config(state, ckpt_path))
-        cfg = replace_config(cfg, **{k: saved[k] for k in RESOLVED_AT_START
-                                     if getattr(cfg, k) is None and saved.get(k) is not None})
-        if cfg.encoder == saved.get("encoder") and cfg.encoder_options and saved.get("encoder_options"):
-            # Options asked for (by a config file, or --encoder-opt) complete the run's saved ones, and
-            # compare as the typed values the run saved ("true" from the command line is True).
-            cfg = replace_config(cfg, encoder_options=resolve_encoder_options(
-                cfg.encoder, {**saved["encoder_options"], **cfg.encoder_options}, None))
-        if cfg.rule == saved.get("rule") and cfg.rule_options and saved.get("rule_options"):
-            cfg = replace_config(cfg, rule_options=resolve_rule_options(
-                cfg.rule, {**saved["rule_options"], **cfg.rule_options}))
-        # With the data's identity recorded, the data itself is compared once loaded, not its path.
-        may_change = RESUMABLE_CHANGES | ({"data_dir"} if "data" in state else set())
-        diff = {k: (saved[k], v) for k, v in to_dict(cfg).items() if k not in may_change and saved.get(k) != v}
+        cfg, diff = resume_config(cfg, checkpoint_config(state, ckpt_path), data_recorded="data" in state)
         if diff:
             raise ConfigError(
                 "cannot resume with a different config: "
@@ -425,5 +439,5 @@ def _train(cfg: TrainConfig, resume: bool, out: Path) -> Path:
     return out
 
 
-__all__ = ["train", "train_step", "build_optimizer", "NonFiniteLossError", "NonFiniteWeightsError",
+__all__ = ["train", "train_step", "resume_config", "build_optimizer", "NonFiniteLossError", "NonFiniteWeightsError",
            "CheckpointWriteError", "TrainingInterrupted"]

@@ -1,4 +1,4 @@
-"""Evaluation of frozen encoders: linear probes (fast, paper and paper-bn protocols) and kNN.
+"""Evaluation of frozen encoders: linear probes (fast, blocks, paper and paper-bn protocols) and kNN.
 
 METHODS 2.5. ``run_probe`` is the entry point; ``random_init_like`` gives the
 random-init baseline that every result is reported against.
@@ -19,7 +19,7 @@ from localssl.evaluation.linear import (
     paper_bn_linear_probe,
     paper_linear_probe,
 )
-from localssl.evaluation.probe import PROTOCOLS, ProbeResult, random_init_like, run_probe
+from localssl.evaluation.probe import PROTOCOLS, ProbeResult, block_key, random_init_like, run_probe
 
 __all__ = [
     "extract_features", "encode", "feature_dims", "frozen", "pool_to_grid",
@@ -27,5 +27,5 @@ __all__ = [
     "fit_linear", "linear_probe", "paper_linear_probe", "paper_bn_linear_probe", "CenterCropPreprocess",
     "make_paper_head", "make_paper_bn_head",
     "PAPER_EPOCHS", "PAPER_BATCH_SIZE", "PAPER_LR", "PAPER_CROP_SCALE", "PAPER_CROP_RATIO",
-    "run_probe", "random_init_like", "ProbeResult", "PROTOCOLS",
+    "run_probe", "random_init_like", "ProbeResult", "PROTOCOLS", "block_key",
 ]

@@ -4,8 +4,12 @@ The paper's linear probe (METHODS 2.5) reads *every* layer: each block's output
 is average-pooled to that block's grid (8, 4, 4, 4, 2, 2 for VGG-6, METHODS
 2.2), flattened (channels x cells) and concatenated, which gives 32,768 dims at
 full width. The CLAPP-2021-style probe reads only the last block, pooled
-globally. Both come out of one pass here, as feature keys ``"all"`` and
-``"last"``.
+globally. The per-block probe of blockwise SSL (METHODS 5.1: a linear head
+on every stage's output) reads every block, each pooled globally. All three
+come out of one pass here, as feature keys ``"all"``, ``"last"`` and
+``"blocks"`` (every block's globally pooled output, concatenated block by
+block: the probe slices it, so the encoder runs once per image for all of
+them).
 
 Memory: the encoder is run block by block and each block's output is pooled
 as soon as it exists, so at most one block's activation map (plus the pooled
@@ -24,7 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-FEATURE_KEYS = ("all", "last")
+FEATURE_KEYS = ("all", "last", "blocks")
+#: What is computed when the caller does not say (the fast and kNN probes' features).
+DEFAULT_KEYS = ("all", "last")
 
 
 def as_grids(grids: int | Sequence[int], num_blocks: int) -> list[int]:
@@ -72,7 +78,9 @@ def feature_dims(encoder: nn.Module, input_shape: Sequence[int], grids: int | Se
     """Dimensions of the probe features for inputs of shape (C, H, W).
 
     Returns ``{"all": sum_k C_k * g_k**2, "last": C_L, "per_block": [...],
-    "shapes": [(C, H, W), ...]}`` and raises ``ValueError`` (naming the block,
+    "blocks": sum_k C_k, "block_dims": [C_1, ..., C_L], "shapes": [(C, H, W), ...]}``
+    (``per_block``: each block at its grid; ``block_dims``: each block
+    globally pooled, the columns of ``"blocks"`` in order) and raises ``ValueError`` (naming the block,
     grid and size) if a grid does not divide its block's output. Runs one
     sample through the encoder, so call it before any heavy work.
     """
@@ -82,8 +90,9 @@ def feature_dims(encoder: nn.Module, input_shape: Sequence[int], grids: int | Se
     for k, ((c, h, w), g) in enumerate(zip(shapes, grids)):
         _check_grid(k, h, w, g, c)
         per_block.append(c * g * g)
-    return {"all": sum(per_block), "last": shapes[-1][0], "per_block": per_block,
-            "shapes": [list(s) for s in shapes]}
+    block_dims = [s[0] for s in shapes]
+    return {"all": sum(per_block), "last": shapes[-1][0], "per_block": per_block, "blocks": sum(block_dims),
+            "block_dims": block_dims, "shapes": [list(s) for s in shapes]}
 
 
 @contextlib.contextmanager
@@ -121,7 +130,7 @@ def encode(
     encoder: nn.Module,
     x: torch.Tensor,
     grids: Sequence[int],
-    keys: Sequence[str] = FEATURE_KEYS,
+    keys: Sequence[str] = DEFAULT_KEYS,
     amp: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Probe features of one preprocessed float batch (N, C, H, W), on x's device.
@@ -138,15 +147,20 @@ def encode(
     if unknown:
         raise ValueError(f"unknown feature keys {sorted(unknown)}; valid: {list(FEATURE_KEYS)}")
     pooled: list[torch.Tensor] = []
+    global_pooled: list[torch.Tensor] = []
     with autocast(x.device, amp):
         h = x
         for k, (block, g) in enumerate(zip(blocks, grids)):
             h = block(h)
             if "all" in keys:
                 pooled.append(pool_to_grid(h, g, block=k))
+            if "blocks" in keys:
+                global_pooled.append(pool_to_grid(h, 1, block=k))
     out: dict[str, torch.Tensor] = {}
     if "all" in keys:
         out["all"] = torch.cat(pooled, dim=1)
+    if "blocks" in keys:
+        out["blocks"] = torch.cat(global_pooled, dim=1)
     if "last" in keys:
         out["last"] = h.float().mean(dim=(2, 3))
     return out
@@ -176,7 +190,7 @@ def iter_features(
     batch_size: int = 256,
     device: torch.device | str = "cpu",
     amp: bool = False,
-    keys: Sequence[str] = FEATURE_KEYS,
+    keys: Sequence[str] = DEFAULT_KEYS,
 ) -> Iterator[tuple[slice, dict[str, torch.Tensor]]]:
     """Yield ``(rows, features)`` batch by batch, features on ``device``.
 
@@ -206,7 +220,7 @@ def extract_features(
     batch_size: int = 256,
     device: torch.device | str = "cpu",
     amp: bool = False,
-    keys: Sequence[str] = FEATURE_KEYS,
+    keys: Sequence[str] = DEFAULT_KEYS,
     out_dtype: torch.dtype = torch.float32,
     progress: bool = False,
 ) -> dict[str, torch.Tensor]:
@@ -222,13 +236,15 @@ def extract_features(
         batch_size: images per forward pass.
         device: where the encoder runs.
         amp: bf16 autocast (on CPU too); features are pooled in float32.
-        keys: which features to compute, among ``"all"`` and ``"last"``.
+        keys: which features to compute, among ``"all"``, ``"last"`` and
+            ``"blocks"`` (default: the first two).
         out_dtype: storage dtype of the result (float32; bf16 halves the
             memory of 32,768-dim features on large sets).
         progress: show a tqdm bar.
 
     Returns:
-        ``{"all": (N, sum_k C_k*g_k^2), "last": (N, C_L)}`` CPU tensors.
+        ``{"all": (N, sum_k C_k*g_k^2), "last": (N, C_L)}`` CPU tensors (and
+        ``"blocks": (N, sum_k C_k)`` when asked).
 
     Raises:
         ValueError: if a grid does not divide its block's output (the message

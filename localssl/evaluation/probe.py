@@ -11,6 +11,14 @@ Protocols (any subset, in ``protocols``):
 - ``"fast"``: features extracted once without augmentation, standardised,
   one linear layer (Adam) on ``"all"`` and on ``"last"`` -> ``fast_all``,
   ``fast_last``.
+- ``"blocks"``: one linear probe per block on that block's globally pooled
+  output, with the recipe of ``fast_last`` (same epochs, lr, batch,
+  standardisation, seed), so block L's number is ``fast_last``'s and the
+  blocks compare with each other and with it -> ``fast_block_1`` ..
+  ``fast_block_L``. Blockwise SSL reports this probe per ResNet stage
+  (METHODS 5.1): it shows where in the network a rule's features are
+  best, which the last block alone hides for a local rule. Shares the
+  feature pass with ``"fast"``.
 - ``"knn"``: weighted kNN (k=200, T=0.1) on ``"last"`` (and ``"all"`` if
   ``knn_features`` asks) -> ``knn_last`` / ``knn_all``. Shares the
   feature pass with ``"fast"``.
@@ -48,7 +56,12 @@ if TYPE_CHECKING:
 ProbeResult = dict[str, Any]
 """The JSON-serialisable dict that :func:`run_probe` returns."""
 
-PROTOCOLS = ("fast", "knn", "paper", "paper-bn")
+PROTOCOLS = ("fast", "blocks", "knn", "paper", "paper-bn")
+
+
+def block_key(k: int) -> str:
+    """The result key of the ``blocks`` probe of block ``k`` (0-based): ``fast_block_{k + 1}``."""
+    return f"fast_block_{k + 1}"
 
 
 def random_init_like(encoder: nn.Module, seed: int = 0) -> nn.Module:
@@ -127,8 +140,9 @@ def run_probe(
         mean, std: per-channel normalisation of the data set (as in pre-training).
         grids: pooling grid per block (METHODS 2.2); default
             ``default_grids(encoder.name)``.
-        protocols: any of ``"fast"``, ``"knn"``, ``"paper"``, ``"paper-bn"``.
-        fast_epochs, fast_lr, fast_weight_decay, fast_batch_size: fast linear probe.
+        protocols: any of ``"fast"``, ``"blocks"``, ``"knn"``, ``"paper"``, ``"paper-bn"``.
+        fast_epochs, fast_lr, fast_weight_decay, fast_batch_size: fast linear
+            probes (``fast`` and ``blocks``).
         knn_k, knn_temperature, knn_features: kNN (InstDisc: k=200, T=0.1), on
             ``"last"`` and/or ``"all"``.
         paper_epochs: epochs of the ``paper`` and ``paper-bn`` protocols (the
@@ -144,9 +158,9 @@ def run_probe(
 
     Returns:
         e.g. ``{"fast_all": {"train_acc", "test_acc", ...}, "fast_last": {...},
-        "knn_last": {"test_acc", "k", "temperature"}, "paper": {"test_acc_final",
+        "fast_block_1": {...}, ..., "knn_last": {"test_acc", "k", "temperature"}, "paper": {"test_acc_final",
         "test_acc_best", "best_epoch", "test_acc_curve", "test_acc", ...}, "paper-bn": {...},
-        "feature_dims": {"all", "last", "per_block"}, "grids", "num_train",
+        "feature_dims": {"all", "last", "per_block"[, "block_dims"]}, "grids", "num_train",
         "num_test", "num_classes", "seed", "seconds", "timings"}``.
     """
     t_start = time.perf_counter()
@@ -176,7 +190,8 @@ def run_probe(
     dims = feature_dims(encoder, (c, h, w), grids)  # fails early, naming the block, if a grid does not fit
     result: ProbeResult = {
         "protocols": protocols,
-        "feature_dims": {"all": dims["all"], "last": dims["last"], "per_block": dims["per_block"]},
+        "feature_dims": {"all": dims["all"], "last": dims["last"], "per_block": dims["per_block"],
+                         **({"block_dims": dims["block_dims"]} if "blocks" in protocols else {})},
         "grids": grids,
         "num_train": len(train_y),
         "num_test": len(test_y),
@@ -191,7 +206,9 @@ def run_probe(
         keys += ["all", "last"]
     if "knn" in protocols:
         keys += list(knn_features)
-    keys = [k for k in ("all", "last") if k in keys]
+    if "blocks" in protocols:
+        keys.append("blocks")
+    keys = [k for k in ("all", "last", "blocks") if k in keys]
     if keys:
         t = time.perf_counter()
         pre = Preprocess(mean, std)
@@ -209,6 +226,18 @@ def run_probe(
                     device=device,
                 )
             timings["fast"] = time.perf_counter() - t
+        if "blocks" in protocols:
+            t = time.perf_counter()
+            start = 0
+            for k, dim in enumerate(dims["block_dims"]):
+                cols = slice(start, start + dim)
+                start += dim
+                result[block_key(k)] = linear_probe(
+                    ftrain["blocks"][:, cols].contiguous(), train_y, ftest["blocks"][:, cols].contiguous(), test_y,
+                    num_classes=num_classes, epochs=fast_epochs, lr=fast_lr, weight_decay=fast_weight_decay,
+                    batch_size=fast_batch_size, seed=seed, device=device,
+                )
+            timings["blocks"] = time.perf_counter() - t
         if "knn" in protocols:
             t = time.perf_counter()
             for k in knn_features:
@@ -237,4 +266,4 @@ def run_probe(
     return result
 
 
-__all__ = ["PROTOCOLS", "ProbeResult", "random_init_like", "run_probe"]
+__all__ = ["PROTOCOLS", "ProbeResult", "block_key", "random_init_like", "run_probe"]

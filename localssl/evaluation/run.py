@@ -133,6 +133,7 @@ def _probe(cfg: ProbeConfig, run: Path) -> dict[str, Any]:
                    "image_size": size, "mean": list(mean), "std": list(std),
                    # What was measured: a random-init result holds while the encoder's shape does.
                    "checkpoint": record, "encoder": tcfg.encoder, "width": tcfg.width,
+                   "encoder_options": tcfg.encoder_options,
                    "probe_config": to_dict(cfg), "env": environment_info(device)})
     return result
 

@@ -84,7 +84,8 @@ def measure_step_memory(cfg: TrainConfig, batch: Any) -> dict[str, Any]:
     with seeded(cfg.seed, device):  # the same views for every rule, the caller's RNG untouched
         views = SimCLRViews(images.shape[1], spec.mean, spec.std, crop_scale=crop).to(device)(images)
         state = build_state(cfg.rule, cfg.encoder, cfg.width, images.shape[1], device, amp_dtype,
-                            cfg.channels_last, cfg.seed, cfg.micro_batch)
+                            cfg.channels_last, cfg.seed, cfg.micro_batch, encoder_options=cfg.encoder_options,
+                            rule_options=cfg.rule_options)
     views = views.contiguous(memory_format=state.memory_format)
     params = list(state.encoder.parameters()) + list(state.rule.parameters())
     tracker = SavedBytesTracker(params)

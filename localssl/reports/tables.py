@@ -36,6 +36,8 @@ COLUMNS = [
 ]
 # Shown only when some row has it: BatchNorm + pad-4 crop, ours, not the paper's.
 PAPER_BN_COLUMN = ("paper-bn", "test_acc", "linear, paper-bn (ours)")
+# The ``blocks`` protocol's keys, fast_block_1 .. fast_block_L (`localssl.evaluation.probe.block_key`).
+BLOCK_PREFIX = "fast_block_"
 AUGMENTED = ("paper", "paper-bn")
 # What the table reads from a run's config.yaml.
 CONFIG_KEYS = ("rule", "dataset", "encoder", "width", "batch_size", "lr", "seed")
@@ -79,10 +81,11 @@ def _read(path: Path, notes: list[str], kind: str = "json") -> Any:
     return data
 
 
-def _stale(probe: dict[str, Any], cfg: dict[str, Any], current: str | None) -> str | None:
-    """Why the result in ``path`` no longer describes its run (None: it does, or it cannot tell)."""
+def stale_reason(probe: dict[str, Any], cfg: dict[str, Any], current: str | None) -> str | None:
+    """Why ``probe`` no longer describes the run whose config is ``cfg`` and whose checkpoint's
+    SHA-256 is ``current`` (None: it does, or it cannot tell)."""
     if probe.get("random_init"):
-        for key in ("encoder", "width"):
+        for key in ("encoder", "width", "encoder_options"):  # a key older results lack is not checked
             if key in probe and probe[key] != cfg.get(key):
                 return f"measured a random-init {key} {probe[key]!r}, the run's is now {cfg.get(key)!r}"
         return None
@@ -107,7 +110,7 @@ def _read_probe(path: Path, run: Path, cfg: dict[str, Any], current: str | None,
     probe = _read(path, notes)
     if probe is None:
         return None
-    why = _stale(probe, cfg, current)
+    why = stale_reason(probe, cfg, current)
     if why:
         notes.append(f"dropped {path}: {why}; rerun `localssl probe {run}`")
         return None
@@ -156,8 +159,23 @@ def collect(runs_dir: str | Path, notes: list[str] | None = None) -> list[dict[s
     return rows
 
 
+def block_count(probe: dict[str, Any]) -> int:
+    """How many ``fast_block_k`` results ``probe`` holds (0 without the ``blocks`` protocol)."""
+    return sum(1 for k in probe if k.startswith(BLOCK_PREFIX) and k[len(BLOCK_PREFIX):].isdigit())
+
+
+def probe_columns(probes: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
+    """(result key, accuracy field, header) of every probe column: the fixed ones, one per block after
+    the last-layer probe where some result has the ``blocks`` protocol, and paper-bn where some has it."""
+    blocks = max((block_count(p) for p in probes), default=0)
+    block_cols = [(f"{BLOCK_PREFIX}{k}", "test_acc", f"linear, block {k} (fast)") for k in range(1, blocks + 1)]
+    last = next(i for i, c in enumerate(COLUMNS) if c[0] == "fast_last") + 1
+    return (COLUMNS[:last] + block_cols + COLUMNS[last:]
+            + ([PAPER_BN_COLUMN] if any("paper-bn" in p for p in probes) else []))
+
+
 def columns(rows: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
-    return COLUMNS + ([PAPER_BN_COLUMN] if any("paper-bn" in r["probe"] for r in rows) else [])
+    return probe_columns([r["probe"] for r in rows])
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
@@ -197,6 +215,9 @@ def describe(rows: list[dict[str, Any]]) -> str:
         f"seed {cfg['seed']}; probes on {p.get('num_train')} train / {p.get('num_test')} test images "
         f"(fast: {pc.get('epochs_fast')} epochs on frozen features; kNN k={pc.get('knn_k')}, T={pc.get('knn_t')})."
     )
+    if any(block_count(r["probe"]) for r in rows):
+        text += (" Block k (fast): the same linear probe on block k's output alone, globally pooled (the "
+                 "per-stage probe of blockwise SSL, METHODS 5.1); the last block's is the last-layer probe.")
     if any("paper" in r["probe"] for r in rows):
         text += (
             f" Paper protocol (METHODS 2.5): {_epochs(rows, 'paper')}; raw features, one linear layer, "

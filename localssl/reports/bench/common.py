@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import statistics
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,12 +71,22 @@ def build_state(
     channels_last: bool,
     seed: int,
     micro_batch: int | None = None,
+    *,
+    encoder_options: Mapping[str, Any] | None = None,
+    rule_options: Mapping[str, Any] | None = None,
 ) -> BenchState:
-    """Encoder + rule + AdamW (lr 2e-4, wd 0, METHODS 2.4), as `localssl train` builds them."""
+    """Encoder + rule + AdamW (lr 2e-4, wd 0, METHODS 2.4), as `localssl train` builds them.
+
+    ``encoder_options``, ``rule_options``: the encoder's and the rule's own
+    options, as in a `TrainConfig` (None: their defaults).
+    """
     from localssl.builder import build_model, build_optimizer
 
     torch.manual_seed(seed)  # the same encoder init for every rule
-    cfg = TrainConfig(rule=rule_name, encoder=encoder_name, width=width)  # defaults: grids fitted to the size
+    # Grids left to their defaults, fitted to the size, as `localssl train` does.
+    cfg = TrainConfig(rule=rule_name, encoder=encoder_name, width=width,
+                      encoder_options=dict(encoder_options) if encoder_options else None,
+                      rule_options=dict(rule_options) if rule_options else None)
     model = build_model(cfg, 3, image_size)
     encoder, rule = model.encoder, model.rule
     mf = torch.channels_last if channels_last else torch.contiguous_format

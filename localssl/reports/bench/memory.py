@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import gc
 import weakref
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -231,11 +231,18 @@ def check_fits(planned_bytes: int, available: int | None, what: str) -> None:
 
 def measure_memory(rules: Sequence[str], encoder: str, width: float, size: int, batch_size: int,
                    dev: torch.device, amp_dtype: torch.dtype | None, channels_last: bool,
-                   micro_batch: int | None, seed: int, log: Log) -> dict[str, Any]:
-    """Tables 2/3 at one image size: the per-block floor, then every rule's saved activations and parameters."""
+                   micro_batch: int | None, seed: int, log: Log, *,
+                   encoder_options: Mapping[str, Any] | None = None,
+                   rule_options: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Any]:
+    """Tables 2/3 at one image size: the per-block floor, then every rule's saved activations and parameters.
+
+    ``encoder_options``: the encoder's own options; ``rule_options``: rule
+    name -> that rule's options (a rule not in it: its defaults).
+    """
+    rule_options = rule_options or {}
     views = random_views(batch_size, size, dev, channels_last, seed)
     torch.manual_seed(seed)
-    enc = build_encoder(encoder, width, 3, image_size=size).to(
+    enc = build_encoder(encoder, width, 3, encoder_options, image_size=size).to(
         dev, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     log(f"memory: per-block floor at {size}px")
     per_block, bp_total = encoder_block_bytes(enc, views, amp_dtype)
@@ -261,7 +268,8 @@ def measure_memory(rules: Sequence[str], encoder: str, width: float, size: int, 
         gc.collect()
         available = available_memory(dev)
         try:
-            st = build_state(r, encoder, width, size, dev, amp_dtype, channels_last, seed, mb)
+            st = build_state(r, encoder, width, size, dev, amp_dtype, channels_last, seed, mb,
+                             encoder_options=encoder_options, rule_options=rule_options.get(r))
             check_fits(training_state_bytes(st), available, label)
         except BUILD_ERRORS as e:
             out["rules"][label] = {"error": error_text(e)}

@@ -13,7 +13,7 @@ from __future__ import annotations
 import gc
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -134,13 +134,19 @@ def measure_speed(
     micro_batch: int | None,
     seed: int,
     log: Log,
+    *,
+    encoder_options: Mapping[str, Any] | None = None,
+    rule_options: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Table 1 (and 4, augmentation): one entry per (width, precision), augmentation timed at the first width.
 
     The first width's first precision also carries the extra rows of
     `speed_variants`. A rule that cannot be built or run at a width (pooling
     grids that do not fit, memory) becomes a row with its ``error``.
+    ``encoder_options``: the encoder's own options; ``rule_options``: rule
+    name -> that rule's options (a rule not in it: its defaults).
     """
+    options = {"encoder_options": encoder_options, "rule_options": rule_options or {}}
     entries: list[dict[str, Any]] = []
     augment: dict[str, Any] | None = None
     for i, (width, sched) in enumerate(zip(widths, schedules)):
@@ -149,7 +155,7 @@ def measure_speed(
         variants = speed_variants(rules, width, precisions, i == 0, channels_last, compare_precision,
                                   micro_batch) if do_train else []
         rows, aug = _time_width(variants, encoder, width, sched, size, batch_size, dev, do_augment and i == 0,
-                                seed, log)
+                                seed, log, options)
         augment = aug if i == 0 else augment
         by_entry: dict[str, list[dict[str, Any]]] = {p: [] for p in precisions}
         for r in rows:
@@ -174,9 +180,12 @@ def measure_speed(
 
 
 def _time_width(variants: list[dict[str, Any]], encoder: str, width: float, sched: Schedule, size: int,
-                batch_size: int, dev: torch.device, do_augment: bool, seed: int,
-                log: Log) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
-    """Build every variant of one width, time them interleaved, free them; one row per variant."""
+                batch_size: int, dev: torch.device, do_augment: bool, seed: int, log: Log,
+                options: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    """Build every variant of one width, time them interleaved, free them; one row per variant.
+
+    ``options``: ``{"encoder_options": ..., "rule_options": {rule: ...}}`` (`measure_speed`).
+    """
     gc.collect()
     available = available_memory(dev)
     planned = 0
@@ -186,7 +195,8 @@ def _time_width(variants: list[dict[str, Any]], encoder: str, width: float, sche
         what = f"{v['label']} ({v['precision']}) at width {width}"
         try:
             st = build_state(v["rule"], encoder, width, size, dev, PRECISIONS[v["precision"]], v["channels_last"],
-                             seed, v["micro_batch"])
+                             seed, v["micro_batch"], encoder_options=options["encoder_options"],
+                             rule_options=options["rule_options"].get(v["rule"]))
             need = training_state_bytes(st)
             check_fits(planned + need, available, what)
             planned += need
