@@ -178,7 +178,7 @@ def test_compare_config_from_yaml_and_flags(tmp_path):
     for bad, match in (({"rules": []}, "needs --rules"), ({"budget": None}, "needs --budget"),
                        ({"rules": ["loco", "loco"]}, "listed twice"),
                        ({"rule_options": {"loco": {"overlap": 2}}}, "rule_options for loco, which is not compared"),
-                       ({"rule_options": {"bp-barlow:expansion": 0}}, "expansion")):
+                       ({"rule_options": {"bp-barlow:expansion": -1}}, "expansion")):
         with pytest.raises(ConfigError, match=match):
             run_compare(replace(cfg, out=str(tmp_path / "never"), **bad))
     assert not (tmp_path / "never").exists()  # checked before anything is written

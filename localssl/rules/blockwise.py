@@ -6,8 +6,10 @@ two-view loss:
   ReLU) and global average pooling, then a projector MLP (Linear + BatchNorm
   + ReLU between layers, a bias-free Linear last), as blockwise SSL builds it
   on facebookresearch/barlowtwins. Published for ResNet-50: E = 2048 and a
-  8192-8192-8192 projector; the defaults here (E = 256, 512-512-512) are
-  sized for CPU runs and say so in `localssl rules`.
+  8192-8192-8192 projector: every stage is expanded to the width of the
+  network's output (2048). The default here does the same (``expansion=0``:
+  the last block's channel count, 512 x width for ResNet-18) with a
+  512-512-512 projector, sized for CPU runs.
 - loss: Barlow Twins, VICReg or SimCLR's NT-Xent on the two views' embeddings.
 Options: Gaussian noise injection on every block output while training (std
 = ``noise`` x the activation's std over (h, w), per channel or over all;
@@ -35,15 +37,16 @@ SCHEDULES = ("simultaneous", "sequential")
 
 @dataclass
 class HeadOptions(RuleOptions):
-    """expansion: E, channels of the conv expansion; expansion_kernel: 1 or 3; projector: the MLP's widths."""
+    """expansion: E, channels of the conv expansion (0: the last block's channel count, as the paper expands
+    every ResNet-50 stage to its 2048 output channels); expansion_kernel: 1 or 3; projector: the MLP's widths."""
 
-    expansion: int = 256
+    expansion: int = 0
     expansion_kernel: int = 1
     projector: list[int] = field(default_factory=lambda: [512, 512, 512])
 
     def check(self) -> None:
-        if self.expansion < 1:
-            raise ValueError(f"expansion must be >= 1 channels, got {self.expansion}")
+        if self.expansion < 0:
+            raise ValueError(f"expansion must be >= 1 channels (or 0: the last block's), got {self.expansion}")
         if self.expansion_kernel not in (1, 3):
             raise ValueError(f"expansion_kernel must be 1 or 3, got {self.expansion_kernel}")
         if not self.projector or min(self.projector) < 1:
@@ -146,10 +149,10 @@ class LoCoOptions(BlockwiseSimCLROptions):
 class Head(nn.Module):
     """Conv expansion + BatchNorm + ReLU + global average pooling, then the projector MLP (METHODS 5.1)."""
 
-    def __init__(self, in_shape: Sequence[int], options: HeadOptions) -> None:
+    def __init__(self, in_shape: Sequence[int], options: HeadOptions, expansion: int | None = None) -> None:
         super().__init__()
         c = int(in_shape[0])
-        e = options.expansion
+        e = expansion or options.expansion or c
         if len(in_shape) == 3:
             k = options.expansion_kernel
             self.expand: nn.Module = nn.Sequential(
@@ -213,7 +216,9 @@ class Blockwise(Rule):
         self.noise_mode = getattr(options, "noise_mode", "hw")
         self.perturbs = self.noise > 0
         self._loss = _loss_of(options)
-        self.heads = nn.ModuleList([Head(self.feature_shapes[g.output], options) for g in self.groups()])
+        # expansion 0: every head expands to the encoder's output width (the paper's 2048 for ResNet-50).
+        width = options.expansion or int(self.feature_shapes[-1][0])
+        self.heads = nn.ModuleList([Head(self.feature_shapes[g.output], options, width) for g in self.groups()])
 
     def groups(self) -> list[Group]:
         n = self.num_blocks
