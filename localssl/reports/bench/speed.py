@@ -13,7 +13,7 @@ from __future__ import annotations
 import gc
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +21,6 @@ import torch
 
 from localssl.reports.bench.common import (
     AUGMENT_TARGET,
-    BASELINE,
     BUILD_ERRORS,
     PRECISIONS,
     SPEED_TARGETS,
@@ -134,12 +133,17 @@ def measure_speed(
     micro_batch: int | None,
     seed: int,
     log: Log,
+    twins: Mapping[str, str | None] | None = None,
+    encoder_options: Mapping[str, Any] | None = None,
+    rule_options: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Table 1 (and 4, augmentation): one entry per (width, precision), augmentation timed at the first width.
 
     The first width's first precision also carries the extra rows of
     `speed_variants`. A rule that cannot be built or run at a width (pooling
-    grids that do not fit, memory) becomes a row with its ``error``.
+    grids that do not fit, memory) becomes a row with its ``error``. Every
+    row's ratio is against its BP twin (``twins``, `common.bp_twins`) at the
+    same width and precision.
     """
     entries: list[dict[str, Any]] = []
     augment: dict[str, Any] | None = None
@@ -149,7 +153,7 @@ def measure_speed(
         variants = speed_variants(rules, width, precisions, i == 0, channels_last, compare_precision,
                                   micro_batch) if do_train else []
         rows, aug = _time_width(variants, encoder, width, sched, size, batch_size, dev, do_augment and i == 0,
-                                seed, log)
+                                seed, log, encoder_options, rule_options)
         augment = aug if i == 0 else augment
         by_entry: dict[str, list[dict[str, Any]]] = {p: [] for p in precisions}
         for r in rows:
@@ -158,7 +162,7 @@ def measure_speed(
             entries.append({"width": width, "precision": p, "steps": sched.steps, "warmup": sched.warmup,
                             "rounds": sched.rounds, "interleaved_with": [q for q in precisions if q != p],
                             "rules": by_entry[p]})
-        _ratios(entries[-len(precisions):] if do_train else [])
+        _ratios(entries[-len(precisions):] if do_train else [], twins or {})
     out: dict[str, Any] = {"image_size": size, "unit": "images/s (one image = two views)",
                            "widths": list(widths), "precisions": list(precisions), "entries": entries}
     if augment is not None:
@@ -174,8 +178,9 @@ def measure_speed(
 
 
 def _time_width(variants: list[dict[str, Any]], encoder: str, width: float, sched: Schedule, size: int,
-                batch_size: int, dev: torch.device, do_augment: bool, seed: int,
-                log: Log) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+                batch_size: int, dev: torch.device, do_augment: bool, seed: int, log: Log,
+                encoder_options: Mapping[str, Any] | None = None,
+                rule_options: Mapping[str, Any] | None = None) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
     """Build every variant of one width, time them interleaved, free them; one row per variant."""
     gc.collect()
     available = available_memory(dev)
@@ -186,7 +191,7 @@ def _time_width(variants: list[dict[str, Any]], encoder: str, width: float, sche
         what = f"{v['label']} ({v['precision']}) at width {width}"
         try:
             st = build_state(v["rule"], encoder, width, size, dev, PRECISIONS[v["precision"]], v["channels_last"],
-                             seed, v["micro_batch"])
+                             seed, v["micro_batch"], encoder_options, rule_options)
             need = training_state_bytes(st)
             check_fits(planned + need, available, what)
             planned += need
@@ -278,24 +283,25 @@ def _time_width(variants: list[dict[str, Any]], encoder: str, width: float, sche
     return rows, augment
 
 
-def _ratios(entries: Sequence[dict[str, Any]]) -> None:
-    """Add to every timed row its ratio to BP (same width and precision) and bf16 rows their ratio to fp32.
+def _ratios(entries: Sequence[dict[str, Any]], twins: Mapping[str, str | None]) -> None:
+    """Add to every timed row its ratio to its BP twin (same width and precision) and bf16 rows their ratio to fp32.
 
     Each comes with the quartiles of the same ratio taken round by round (the
     two rows ran back to back inside every round, so a burst of load hits
     both): they say how far the one median ratio can be trusted on this
     machine.
     """
-    def main_row(entry: dict[str, Any], rule: str) -> dict[str, Any] | None:
+    def main_row(entry: dict[str, Any], rule: str | None) -> dict[str, Any] | None:
         return next((r for r in entry["rules"] if r["main"] and r["rule"] == rule and "images_per_s" in r), None)
 
     fp32 = next((e for e in entries if e["precision"] == "fp32"), None)
     for entry in entries:
-        base = main_row(entry, BASELINE)
         for row in entry["rules"]:
             if "images_per_s" not in row:
                 continue
+            base = main_row(entry, twins.get(row["rule"]))
             if base is not None:
+                row["bp_twin"] = base["rule"]
                 row["vs_bp"] = row["images_per_s"] / base["images_per_s"]
                 row["vs_bp_rounds_quartiles"] = quartiles([a / b for a, b in zip(row["rounds"], base["rounds"])])
                 if row["main"] and row["rule"] in SPEED_TARGETS:
