@@ -7,6 +7,7 @@
     localssl theory [EXPERIMENT]
     localssl align RUN_DIR
     localssl compare --rules RULE RULE ... --encoder resnet18 --dataset cifar10 --budget 2000
+    localssl export RUN_DIR [--format safetensors|pt] [--out DIR]
 
 Every ``train``/``probe``/``compare`` flag is generated from the fields of the config
 dataclasses, so the command line and the YAML files can never drift apart.
@@ -161,6 +162,15 @@ def cmd_rules(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    """The run's backbone weights (no rule heads, no optimizer) and a JSON of its architecture."""
+    from localssl.export import export_run
+
+    out = export_run(args.run, out=args.out, checkpoint=args.checkpoint, fmt=args.format)
+    print(f"encoder exported to {out} (load it with localssl.load_exported({str(out)!r}))")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="localssl", description="Local self-supervised learning rules next to end-to-end BP-SSL."
@@ -178,6 +188,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML file with ProbeConfig keys (flags override it)")
     add_dataclass_flags(p, ProbeConfig, skip={"run"})
     p.set_defaults(func=cmd_probe)
+
+    from localssl.export import WEIGHTS
+
+    p = sub.add_parser("export", help="write a run's backbone weights and a JSON of its architecture",
+                       description="Write the encoder of a run (no rule heads, no optimizer) as encoder.safetensors "
+                                   "(or encoder.pt) and encoder.json (architecture, preprocessing, block shapes, "
+                                   "provenance), atomically.")
+    p.add_argument("run", help="run folder written by `localssl train`")
+    p.add_argument("--checkpoint", default=None, help="checkpoint to export (default: RUN/checkpoint.pt)")
+    p.add_argument("--format", default="safetensors", choices=list(WEIGHTS),
+                   help="weights file format (default: safetensors, which loads without pickle)")
+    p.add_argument("--out", default=None, help="folder to write (default: RUN/export)")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("rules", help="list the registered rules")
     p.set_defaults(func=cmd_rules)

@@ -15,7 +15,6 @@ from torch import nn
 from localssl.engine import runtime
 from localssl.reports import bench
 from localssl.reports.bench import (
-    BASELINE,
     FLOP_PARTS,
     SHOWN_CPU_FLAGS,
     TIME_PARTS,
@@ -29,6 +28,7 @@ from localssl.reports.bench import (
     run_bench,
 )
 
+BASELINE = "bp-infonce"  # the end-to-end rule of these runs: every other rule's BP twin here
 WIDTH = 1 / 16  # VGG-6 channels 8, 16, 16, 32, 64, 64
 CHANNELS = [8, 16, 16, 32, 64, 64]
 POOLED = [False, True, False, True, True, True]  # max-pool after layers 2, 4, 5, 6

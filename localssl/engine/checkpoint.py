@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import re
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -140,30 +141,31 @@ def checkpoint_config(state: dict[str, Any], path: str | Path) -> TrainConfig:
         raise CheckpointError(f"{path}: entry 'config': {e}") from None
 
 
-def load_weights(module: torch.nn.Module, weights: Any, path: str | Path, entry: str) -> None:
+def load_weights(module: torch.nn.Module, weights: Any, path: str | Path, entry: str,
+                 built_from: str = "the checkpoint's config") -> None:
     """``module.load_state_dict(weights)``, after checking that names and shapes match.
 
-    ``module`` was built from the checkpoint's own config, so a mismatch means
-    the tensors and the config disagree; the error names the file, the entry
-    and the first mismatched key with both shapes (torch's own lists every
-    key, over many lines).
+    ``module`` was built from ``built_from`` (the checkpoint's own config, or
+    an export's JSON), so a mismatch means the tensors and that description
+    disagree; the error names the file, the entry and the first mismatched
+    key with both shapes (torch's own lists every key, over many lines).
     """
     if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
         raise CheckpointError(f"{path}: entry {entry!r} must map names to tensors")
     own = module.state_dict()
     for key, t in own.items():
         if key not in weights:
-            raise CheckpointError(f"{path}: entry {entry!r} has no {key!r}, which the {entry} built from the "
-                                  "checkpoint's config has: the tensors do not match the config")
+            raise CheckpointError(f"{path}: entry {entry!r} has no {key!r}, which the {entry} built from "
+                                  f"{built_from} has: the tensors do not match {built_from}")
         if tuple(weights[key].shape) != tuple(t.shape):
             raise CheckpointError(
-                f"{path}: entry {entry!r} does not match the checkpoint's config: {key!r} has shape "
+                f"{path}: entry {entry!r} does not match {built_from}: {key!r} has shape "
                 f"{tuple(weights[key].shape)} in the file but {tuple(t.shape)} in the {entry} built from the config"
             )
     extra = [k for k in weights if k not in own]
     if extra:
-        raise CheckpointError(f"{path}: entry {entry!r} holds {extra[0]!r}, which the {entry} built from the "
-                              "checkpoint's config does not have: the tensors do not match the config")
+        raise CheckpointError(f"{path}: entry {entry!r} holds {extra[0]!r}, which the {entry} built from "
+                              f"{built_from} does not have: the tensors do not match {built_from}")
     module.load_state_dict(weights)
 
 
@@ -180,14 +182,37 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+@dataclass
+class RunEncoder:
+    """A run's encoder with its trained weights, and what they came from.
+
+    ``record``: the checkpoint's identity (`read_checkpoint`); ``data``: its
+    ``data`` entry (the training images' name, shape and fingerprint; None in
+    checkpoints of earlier versions).
+    """
+
+    encoder: torch.nn.Module
+    config: TrainConfig
+    record: dict[str, Any]
+    data: dict[str, Any] | None
+    path: Path
+
+
 def load_encoder_from_run(run_dir: str | Path, checkpoint: str | Path | None = None, device: str = "cpu"):
     """(encoder with trained weights, TrainConfig) of a run folder."""
-    encoder, cfg, _ = read_encoder_from_run(run_dir, checkpoint, device)
-    return encoder, cfg
+    run = read_run_encoder(run_dir, checkpoint, device)
+    return run.encoder, run.config
 
 
 def read_encoder_from_run(run_dir: str | Path, checkpoint: str | Path | None = None, device: str = "cpu"):
     """(encoder, TrainConfig, checkpoint record: see `read_checkpoint`) of a run folder."""
+    run = read_run_encoder(run_dir, checkpoint, device)
+    return run.encoder, run.config, run.record
+
+
+def read_run_encoder(run_dir: str | Path, checkpoint: str | Path | None = None, device: str = "cpu") -> RunEncoder:
+    """The encoder of a run folder (its ``checkpoint.pt``, or ``checkpoint``), rebuilt from the checkpoint's
+    config and loaded with its weights, checked entry by entry; the one reader behind every other."""
     from localssl.data import dataset_spec
     from localssl.models import build_encoder
 
@@ -203,4 +228,4 @@ def read_encoder_from_run(run_dir: str | Path, checkpoint: str | Path | None = N
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         raise CheckpointError(f"{path}: entry 'config': {msg}") from None
     load_weights(encoder, state["encoder"], path, "encoder")
-    return encoder.to(device), cfg, record
+    return RunEncoder(encoder.to(device), cfg, record, state.get("data"), path)

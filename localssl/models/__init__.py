@@ -1,5 +1,6 @@
 """Encoders cut into blocks, by name (``ENCODERS``): VGG-6/8 (`vgg`) and ResNet-18/50 (`resnet`)."""
 from localssl.models.blocks import BlockEncoder, scale_channels, split_into_blocks
+from localssl.models.preprocessing import Preprocessing
 from localssl.models.registry import (
     ENCODER_OPTIONS,
     ENCODERS,
@@ -13,5 +14,5 @@ from localssl.models.resnet import ResNetOptions
 from localssl.models.vgg import DEFAULT_GRIDS, default_grids, fit_grid, grid_choices
 
 __all__ = ["BlockEncoder", "split_into_blocks", "scale_channels", "ENCODERS", "ENCODER_OPTIONS", "EncoderOptions",
-           "ResNetOptions", "register_encoder", "encoder_options", "resolve_encoder_options", "DEFAULT_GRIDS",
-           "build_encoder", "default_grids", "fit_grid", "grid_choices"]
+           "Preprocessing", "ResNetOptions", "register_encoder", "encoder_options", "resolve_encoder_options",
+           "DEFAULT_GRIDS", "build_encoder", "default_grids", "fit_grid", "grid_choices"]

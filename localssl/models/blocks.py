@@ -12,13 +12,20 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from localssl.models.preprocessing import Preprocessing
+
 
 class BlockEncoder(nn.Module):
     """An encoder made of consecutive blocks.
 
     ``forward`` returns the output of *every* block, because local rules put a
-    loss on each of them and the probes read all of them.
+    loss on each of them and the probes read all of them; `pooled` gives the
+    last block's output averaged over positions, the usual backbone features.
+    An encoder loaded from a run (``localssl.load_encoder``) states the input
+    it expects in ``preprocessing`` (a `Preprocessing`; None on one built fresh).
     """
+
+    preprocessing: Preprocessing | None = None
 
     def __init__(self, blocks: Sequence[nn.Module], name: str = "custom") -> None:
         super().__init__()
@@ -36,6 +43,11 @@ class BlockEncoder(nn.Module):
             x = block(x)
             outs.append(x)
         return outs
+
+    def pooled(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, C) features: the last block's output, globally average-pooled (what the probes call "last layer")."""
+        h = self.forward(x)[-1]
+        return h.flatten(2).mean(-1) if h.dim() > 2 else h
 
     def run_blocks(self, x: torch.Tensor, indices: Sequence[int]) -> torch.Tensor:
         """Apply the consecutive blocks ``indices`` to ``x`` (a group's forward)."""

@@ -13,9 +13,11 @@ Everything is measured in one process on the same encoder, batch and inputs
    machine was; ``in AdamW`` is the share of the step spent in the
    optimizer (timed with step hooks); ``faults/step`` the process's minor
    page faults per step (see `engine.runtime.retain_freed_memory`). Ratios
-   are against BP-InfoNCE, next to the targets (clapp++global >= 1.3x,
-   clapp++ >= 0.9x), with the quartiles of the same ratio taken round by
-   round; bf16 rows also against fp32. Optionally, at the first width, one
+   are against each rule's BP twin (`common.bp_twins`: the end-to-end rule
+   registered as its counterpart where that is benched, e.g. bp-barlow for
+   blockwise-barlow, else the first end-to-end rule benched), next to the
+   README figure's targets (`SPEED_TARGETS`), with the quartiles of the same
+   ratio taken round by round; bf16 rows also against fp32. Optionally, at the first width, one
    rule again at the other precision (where that one is not timed anyway)
    and in the other memory layout (channels_last / contiguous). Tables 2-6
    describe the first width at the first precision. At width 1.0 CLAPP++'s
@@ -35,6 +37,10 @@ Everything is measured in one process on the same encoder, batch and inputs
    is the largest block over the *sum* of the blocks, which counts the
    tensors shared at block boundaries twice; both are printed, and the one
    against BP (0.58 for VGG-6) is the floor a local/BP ratio can reach.
+   Every rule's peak is also given against that floor (``vs floor``), and a
+   local rule's peak per group next to its blocks alone: the difference is
+   what its own head and loss hold (a blockwise rule's conv expansion at a
+   stage's full resolution can double it).
    Optionally (``--rss``) the whole-process peak RSS of each rule, each in a
    fresh subprocess, from the end of the build to the end of training.
 3. Parameters + gradients + optimizer state of the encoder *and* of the
@@ -64,7 +70,6 @@ from localssl.reports.bench.breakdown import TIME_PARTS, measure_breakdown, time
 from localssl.reports.bench.cli import add_bench_parser, bench_main, main
 from localssl.reports.bench.common import (
     AUGMENT_TARGET,
-    BASELINE,
     DEFAULT_RULES,
     MEMORY_TARGET,
     NOISY_SPREAD,
@@ -73,11 +78,12 @@ from localssl.reports.bench.common import (
     REFERENCE_GFLOP,
     SPEED_TARGETS,
     BenchState,
+    bp_twins,
     build_state,
 )
 from localssl.reports.bench.common import quartiles as _quartiles
 from localssl.reports.bench.flops import FLOP_PARTS, PartFlopCounter, measure_flops, step_flops
-from localssl.reports.bench.format import format_report
+from localssl.reports.bench.format import format_report, twin_table
 from localssl.reports.bench.memory import (
     SavedBytesTracker,
     encoder_block_bytes,
@@ -97,10 +103,11 @@ from localssl.reports.bench.run import (
 from localssl.reports.bench.speed import Schedule, measure_speed
 
 __all__ = [
-    "AUGMENT_TARGET", "BASELINE", "DEFAULT_RULES", "DEFAULT_WIDTHS", "FLOP_PARTS", "MEMORY_TARGET", "NOISY_SPREAD",
+    "AUGMENT_TARGET", "DEFAULT_RULES", "DEFAULT_WIDTHS", "FLOP_PARTS", "MEMORY_TARGET", "NOISY_SPREAD",
     "PRECISIONS", "REFERENCE_FLOOR", "REFERENCE_GFLOP", "SHOWN_CPU_FLAGS", "SPEED_TARGETS", "TIME_PARTS",
     "WIDE_WIDTH", "BenchState", "PartFlopCounter", "SavedBytesTracker", "Schedule", "_quartiles",
-    "add_bench_parser", "bench_main", "build_state", "encoder_block_bytes", "format_report", "main",
+    "add_bench_parser", "bench_main", "bp_twins", "build_state", "encoder_block_bytes", "format_report", "main",
     "measure_breakdown", "measure_flops", "measure_memory", "measure_speed", "parameter_memory", "peak_rss",
     "precision_support", "resolve_precisions", "run_bench", "step_flops", "time_breakdown", "training_state_bytes",
+    "twin_table",
 ]

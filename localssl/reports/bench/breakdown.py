@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import gc
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -94,14 +94,16 @@ def time_breakdown(state: BenchState, views: torch.Tensor, steps: int, dev: torc
 
 def measure_breakdown(rules: Sequence[str], encoder: str, width: float, size: int, batch_size: int, steps: int,
                       warmup: int, rounds: int, dev: torch.device, amp_dtype: torch.dtype | None,
-                      channels_last: bool, seed: int, log: Log) -> dict[str, Any]:
+                      channels_last: bool, seed: int, log: Log, encoder_options: Mapping[str, Any] | None = None,
+                      rule_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Per rule, the median over interleaved rounds of each op family's time per step."""
     views = random_views(batch_size, size, dev, channels_last, seed)
     per_rule: dict[str, Any] = {}
     states: dict[str, BenchState] = {}
     for r in rules:
         try:
-            st = build_state(r, encoder, width, size, dev, amp_dtype, channels_last, seed)
+            st = build_state(r, encoder, width, size, dev, amp_dtype, channels_last, seed, None, encoder_options,
+                             rule_options)
             for _ in range(max(1, warmup)):
                 st.step(views)
             states[r] = st

@@ -6,8 +6,9 @@ import json
 import sys
 from pathlib import Path
 
+from localssl.config import parse_key_values
 from localssl.reports.bench.common import DEFAULT_RULES
-from localssl.reports.bench.format import format_report
+from localssl.reports.bench.format import format_report, twin_table
 from localssl.reports.bench.run import DEFAULT_WIDTHS, WIDE_WIDTH, run_bench
 
 DESCRIPTION = ("``localssl bench``: speed, activation memory, parameter memory and FLOPs of the rules, side by side; "
@@ -19,7 +20,14 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     p = subparsers.add_parser(
         "bench", help="speed, activation/parameter memory and FLOPs of the rules, side by side",
         description=DESCRIPTION)
-    p.add_argument("--encoder", default="vgg6", help="encoder name (default: vgg6)")
+    p.add_argument("--encoder", default="vgg6", help="encoder name: vgg6, vgg8, resnet18, resnet50 (default: vgg6)")
+    p.add_argument("--encoder-opt", dest="encoder_options", nargs="+", action="extend", metavar="KEY=VALUE",
+                   default=None, help="the encoder's own options, repeatable (resnet*: stem=auto|cifar|imagenet, "
+                                      "cut=stages|units, zero_init=true|false)")
+    p.add_argument("--rule-opt", dest="rule_options", nargs="+", action="extend", metavar="KEY=VALUE",
+                   default=None, help="rule options, repeatable, given to every benched rule that takes the key "
+                                      "(e.g. expansion=64 for the blockwise rules and their BP twins); default: "
+                                      "each rule's defaults (`localssl rules`)")
     p.add_argument("--widths", "--width", dest="widths", type=float, nargs="+", default=list(DEFAULT_WIDTHS),
                    help="channel width multipliers timed for speed; the other tables use the first "
                         f"(default: {' '.join(map(str, DEFAULT_WIDTHS))})")
@@ -69,12 +77,20 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and random inputs (default: 0)")
     p.add_argument("--json", action="store_true", help="print the figures as JSON instead of tables")
     p.add_argument("--out", default=None, help="also write the JSON to this file")
+    p.add_argument("--table", nargs="+", metavar="FILE.json", default=None,
+                   help="measure nothing: print the Markdown table of saved results (each rule against its BP "
+                        "twin and the per-stage floor), as the README shows it")
     p.set_defaults(func=bench_main)
     return p
 
 
 def bench_main(args: argparse.Namespace) -> int:
     """Run ``localssl bench`` from parsed arguments; progress goes to stderr."""
+    if args.table:
+        print(twin_table([_read_result(f) for f in args.table]))
+        return 0
+    opts = {k: parse_key_values("bench", k, v) if v else None for k, v in
+            (("encoder_options", args.encoder_options), ("rule_options", args.rule_options))}
     precisions = "auto" if args.precisions == ["auto"] else args.precisions
     res = run_bench(
         encoder=args.encoder, widths=args.widths, image_sizes=args.image_sizes, batch_size=args.batch_size,
@@ -85,7 +101,7 @@ def bench_main(args: argparse.Namespace) -> int:
         compare_precision=args.compare_precision, rss=args.rss, retain_memory=args.retain_memory,
         breakdown=args.breakdown and args.speed,
         micro_batch=max(1, args.batch_size // 4) if args.micro_batch is None else (args.micro_batch or None),
-        seed=args.seed,
+        seed=args.seed, **opts,
         log=lambda msg: print(f"[bench] {msg}", file=sys.stderr, flush=True),
     )
     text = json.dumps(res, indent=2)
@@ -94,6 +110,17 @@ def bench_main(args: argparse.Namespace) -> int:
         Path(args.out).write_text(text + "\n")
     print(text if args.json else format_report(res))
     return 0
+
+
+def _read_result(path: str) -> dict:
+    try:
+        res = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"--table {path}: not a readable JSON file ({e})") from None
+    if not isinstance(res, dict) or "config" not in res or "memory" not in res:
+        raise ValueError(f"--table {path}: not the JSON of a `localssl bench` run with memory tables "
+                         "(written by --out)")
+    return res
 
 
 def main(argv: list[str] | None = None) -> int:

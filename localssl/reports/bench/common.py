@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import statistics
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
@@ -12,12 +12,11 @@ from localssl.config import TrainConfig
 from localssl.models import BlockEncoder
 from localssl.rules import Rule
 
+#: The rules of the README's VGG-6 figure (issue 2), which `localssl bench` runs when no --rules are given.
 DEFAULT_RULES = ("clapp++", "clapp++global", "bp-infonce")
-#: The end-to-end rule that speed and memory are compared with.
-BASELINE = "bp-infonce"
-#: Speed targets, images/s relative to BP-InfoNCE.
+#: That figure's speed targets, images/s relative to the rule's BP twin (`bp_twins`).
 SPEED_TARGETS = {"clapp++global": 1.3, "clapp++": 0.9}
-#: Local peak saved activations relative to BP.
+#: Local peak saved activations relative to the BP twin.
 MEMORY_TARGET = 0.5
 #: Augmentation images/s relative to training images/s.
 AUGMENT_TARGET = 5.0
@@ -61,6 +60,59 @@ class BenchState:
         return sum(p.numel() for g in self.optimizer.param_groups for p in g["params"])
 
 
+def bench_config(rule_name: str, encoder_name: str, width: float, encoder_options: Mapping[str, Any] | None = None,
+                 rule_options: Mapping[str, Any] | None = None) -> TrainConfig:
+    """The `TrainConfig` a bench row trains with: defaults (grids fitted to the size) but for the options asked.
+
+    ``rule_options`` are shared by every benched rule (``--rule-opt``): each
+    rule takes the keys it has (`builder.options_for`), so a head option
+    reaches a blockwise rule and its BP twin alike.
+    """
+    from localssl.builder import options_for
+
+    return TrainConfig(rule=rule_name, encoder=encoder_name, width=width,
+                       encoder_options=dict(encoder_options) if encoder_options else None,
+                       rule_options=options_for(rule_name, rule_options) or None)
+
+
+def check_rule_options(rules: Sequence[str], rule_options: Mapping[str, Any] | None) -> None:
+    """A ``--rule-opt`` key that no benched rule takes is an error listing the keys they do take."""
+    from localssl.rules import RULES
+
+    known = {f.name for r in rules for f in fields(RULES.get(r).options)}
+    unknown = sorted(set(rule_options or {}) - known)
+    if unknown:
+        raise ValueError(f"rule option {', '.join(map(repr, unknown))} is taken by none of the rules benched "
+                         f"({', '.join(rules)}); they take: {', '.join(sorted(known)) or 'no options'}")
+
+
+def bp_twins(rules: Sequence[str], encoder_name: str, width: float, image_size: int,
+             encoder_options: Mapping[str, Any] | None = None) -> dict[str, str | None]:
+    """The end-to-end rule every benched rule's speed and memory are compared with (its "BP twin").
+
+    A local rule's twin is its registered counterpart
+    (`localssl.rules.bp_counterpart`) where that is benched too; otherwise,
+    and for an end-to-end rule, the first end-to-end rule benched (None if
+    there is none). Which rules are end-to-end is read from the built rules
+    (``rule.local``; built on the meta device: no memory), never from names.
+    A rule that cannot be built here is left to the tools, which report it as
+    not run; it is nobody's reference.
+    """
+    from localssl.builder import build_model
+    from localssl.rules import bp_counterpart
+
+    local: dict[str, bool | None] = {}
+    for r in dict.fromkeys(rules):
+        try:
+            local[r] = build_model(bench_config(r, encoder_name, width, encoder_options), 3, image_size,
+                                   rule_device="meta").rule.local
+        except BUILD_ERRORS:
+            local[r] = None
+    reference = next((r for r in rules if local[r] is False), None)
+    return {r: bp_counterpart(r) if local[r] is not False and bp_counterpart(r) in local else reference
+            for r in rules}
+
+
 def build_state(
     rule_name: str,
     encoder_name: str,
@@ -71,22 +123,14 @@ def build_state(
     channels_last: bool,
     seed: int,
     micro_batch: int | None = None,
-    *,
     encoder_options: Mapping[str, Any] | None = None,
     rule_options: Mapping[str, Any] | None = None,
 ) -> BenchState:
-    """Encoder + rule + AdamW (lr 2e-4, wd 0, METHODS 2.4), as `localssl train` builds them.
-
-    ``encoder_options``, ``rule_options``: the encoder's and the rule's own
-    options, as in a `TrainConfig` (None: their defaults).
-    """
+    """Encoder + rule + AdamW (lr 2e-4, wd 0, METHODS 2.4), as `localssl train` builds them (`localssl.builder`)."""
     from localssl.builder import build_model, build_optimizer
 
     torch.manual_seed(seed)  # the same encoder init for every rule
-    # Grids left to their defaults, fitted to the size, as `localssl train` does.
-    cfg = TrainConfig(rule=rule_name, encoder=encoder_name, width=width,
-                      encoder_options=dict(encoder_options) if encoder_options else None,
-                      rule_options=dict(rule_options) if rule_options else None)
+    cfg = bench_config(rule_name, encoder_name, width, encoder_options, rule_options)
     model = build_model(cfg, 3, image_size)
     encoder, rule = model.encoder, model.rule
     mf = torch.channels_last if channels_last else torch.contiguous_format

@@ -7,7 +7,7 @@ elementwise and not counted).
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -133,14 +133,16 @@ def step_flops(state: BenchState, views: torch.Tensor) -> dict[str, float]:
 
 def measure_flops(rules: Sequence[str], encoder: str, width: float, size: int, batch_size: int,
                   dev: torch.device, amp_dtype: torch.dtype | None, channels_last: bool, seed: int,
-                  log: Log) -> dict[str, Any]:
+                  log: Log, encoder_options: Mapping[str, Any] | None = None,
+                  rule_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Table 5: FLOPs per view of each part of one step, per rule."""
     views = random_views(batch_size, size, dev, channels_last, seed)
     per_rule: dict[str, Any] = {}
     for r in rules:
         log(f"flops: {r} at {size}px")
         try:
-            st = build_state(r, encoder, width, size, dev, amp_dtype, channels_last, seed)
+            st = build_state(r, encoder, width, size, dev, amp_dtype, channels_last, seed, None, encoder_options,
+                             rule_options)
             per_rule[r] = step_flops(st, views)
         except BUILD_ERRORS as e:
             per_rule[r] = {"error": error_text(e)}

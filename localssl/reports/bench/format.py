@@ -7,7 +7,6 @@ from typing import Any
 from localssl.reports.bench.breakdown import TIME_PARTS
 from localssl.reports.bench.common import (
     AUGMENT_TARGET,
-    BASELINE,
     MEMORY_TARGET,
     NOISY_SPREAD,
     REFERENCE_FLOOR,
@@ -107,14 +106,16 @@ def _speed_table(res: dict[str, Any]) -> list[str]:
             pf = r.get("page_faults_per_step")
             rows.append([f"{e['width']}", r["precision"], r["label"], f"{r['images_per_s']:.1f}",
                          f"{r['spread']:.0%}", f"{r['step_ms']:.0f}", f"{r['optimizer_share']:.0%}",
-                         "-" if pf is None else f"{pf:.0f}",
+                         "-" if pf is None else f"{pf:.0f}", r.get("bp_twin", "-"),
                          _ratio(r.get("vs_bp"), None), _iqr(r.get("vs_bp_rounds_quartiles")),
                          _ratio(r.get("vs_fp32"), r.get("vs_fp32_rounds_quartiles")),
                          f">= {tgt}x" if tgt else "", _mark(r.get("meets_target"))])
     out.append(_table(["width", "prec", "rule", "img/s", "spread", "ms/step", "in AdamW", "faults/step",
-                       f"vs {BASELINE}", "per-round IQR", "vs fp32 (IQR)", "target", "met"], rows))
+                       "BP twin", "vs twin", "per-round IQR", "vs fp32 (IQR)", "target", "met"], rows))
     out += errors
-    out.append(f"   vs {BASELINE} = against BP at the same width and precision; vs fp32 = the same rule at fp32, same "
+    out.append("   BP twin = the end-to-end rule a row is compared with (the rule's registered counterpart where it "
+               "is benched, else the first end-to-end rule benched); vs twin = against it at the same width and "
+               "precision; vs fp32 = the same rule at fp32, same "
                "width and rounds; per-round IQR = quartiles of the same ratio taken round by round (its noise on this "
                "machine); in AdamW = share of the step inside optimizer.step(); faults/step = minor page faults of "
                "the process per timed step (memory the allocator handed back and touched again); [unfused AdamW] = "
@@ -162,17 +163,18 @@ def format_report(res: dict[str, Any]) -> str:
             p = d["parameters"]
             enc, rule = p["encoder"], p["rule"]
             rows.append([
-                name, _mib(d["peak_saved_activation_bytes"]),
-                f"{d['vs_bp']:.2f}x" if "vs_bp" in d else "-",
+                name, _mib(d["peak_saved_activation_bytes"]), d.get("bp_twin", "-"),
+                f"{d['vs_bp']:.2f}x" if "vs_bp" in d else "-", f"{d['vs_floor']:.2f}x",
                 _mark(d.get("meets_target")) if d["local"] else "",
                 f"{enc['numel'] / 1e6:.2f}M", f"{rule['numel'] / 1e6:.2f}M",
                 f"{rule['numel'] / enc['numel']:.1f}x",
                 _mib(enc["total_bytes"]), _mib(rule["total_bytes"]),
                 _mib(p["total_bytes"] + d["peak_saved_activation_bytes"]),
             ])
-        out.append(_table(["rule", "act", f"vs {BASELINE}", f"<= {MEMORY_TARGET}x", "enc params", "rule params",
-                           "rule/enc", "enc p+g+opt", "rule p+g+opt", "p+g+opt+act"], rows))
+        out.append(_table(["rule", "act", "BP twin", "vs twin", "vs floor", f"<= {MEMORY_TARGET}x", "enc params",
+                           "rule params", "rule/enc", "enc p+g+opt", "rule p+g+opt", "p+g+opt+act"], rows))
         out += errors
+        out += _group_lines(m)
         out.append("   p+g+opt = parameters + gradients + AdamW state (2 per parameter), fp32: 16 bytes per "
                    "trainable parameter. rule params = B matrices / projection / head.")
         if f["floor_ratio"] > MEMORY_TARGET:
@@ -212,7 +214,7 @@ def format_report(res: dict[str, Any]) -> str:
             rows.append([name] + [f"{d[p] / 1e9:.4f}" for p in parts])
         out.append(_table(["rule"] + [_FLOP_LABELS[p] for p in parts], rows))
         out += errors
-        out += _flop_notes(fl["rules"], fl.get("width", c["width"]))
+        out += _flop_notes(fl["rules"], fl.get("width", c["width"]), c.get("bp_twins", {}))
     tb = res.get("time_breakdown")
     if tb:
         s0 = c["schedules"][0]
@@ -228,35 +230,53 @@ def format_report(res: dict[str, Any]) -> str:
             rows.append([name] + [f"{1000 * d[p]:.1f}" for p in (*TIME_PARTS, "total")])
         out.append(_table(["rule"] + [_TIME_LABELS[p] for p in TIME_PARTS] + ["total"], rows))
         out += errors
-        out += _breakdown_notes(tb["rules"])
+        out += _breakdown_notes(tb["rules"], c.get("bp_twins", {}))
     return "\n".join(out)
 
 
 
-def _breakdown_notes(per_rule: dict[str, Any]) -> list[str]:
+def _group_lines(m: dict[str, Any]) -> list[str]:
+    """Per local rule: its peak against its twin and the floor, and each group's peak next to its blocks alone
+    (the difference is what the rule's own head and loss hold on top of the blocks)."""
+    f = m["floor"]
+    out = ["   vs floor = act over the floor (the largest block's own saved activations); per group: the peak of "
+           "each group's step (blocks + the rule's head and loss), next to the block alone:"]
+    for name, d in m["rules"].items():
+        if "error" in d or not d["local"] or d.get("micro_batch"):
+            continue
+        twin = (f"{d['vs_bp']:.2f}x {d['bp_twin']} ({_mib(m['rules'][d['bp_twin']]['peak_saved_activation_bytes'])})"
+                if "vs_bp" in d else "no BP twin benched")
+        out.append(f"   {name}: {_mib(d['peak_saved_activation_bytes'])} MiB = {twin}, {d['vs_floor']:.2f}x the floor "
+                   f"({_mib(f['floor_bytes'])}); per group {', '.join(_mib(b) for b in d['group_peaks'])} "
+                   f"(blocks alone {', '.join(_mib(b) for b in f['block_bytes'])})")
+    return out if len(out) > 1 else []
+
+
+def _breakdown_notes(per_rule: dict[str, Any], twins: dict[str, str | None]) -> list[str]:
     notes = ["   outside ops = wall time minus the timed ops (Python, autograd, and this timing's own overhead, "
              "so totals run above table 1's ms/step)."]
-    bp = per_rule.get(BASELINE)
-    if not bp or "error" in bp:
-        return notes
     for name, d in per_rule.items():
-        if name == BASELINE or "error" in d:
+        twin = twins.get(name)
+        bp = per_rule.get(twin) if twin else None
+        if name == twin or "error" in d or not bp or "error" in bp:
             continue
         rest, rest_bp = d["total"] - d["conv"], bp["total"] - bp["conv"]
-        notes.append(f"   {name} vs {BASELINE}: convolutions {1000 * d['conv']:.1f} vs {1000 * bp['conv']:.1f} ms "
+        notes.append(f"   {name} vs {twin}: convolutions {1000 * d['conv']:.1f} vs {1000 * bp['conv']:.1f} ms "
                      f"({bp['conv'] / d['conv']:.2f}x faster), everything else {1000 * rest:.1f} vs "
                      f"{1000 * rest_bp:.1f} ms; whole step {bp['total'] / d['total']:.2f}x.")
     return notes
 
 
-def _flop_notes(per_rule: dict[str, Any], width: float) -> list[str]:
+def _flop_notes(per_rule: dict[str, Any], width: float, twins: dict[str, str | None]) -> list[str]:
     ok = {k: v for k, v in per_rule.items() if "error" not in v}
     ref = REFERENCE_GFLOP
     ref_b, ref_saved = ref["dense B (fwd + dB)"], ref["BP step"] - ref["local step"]
     notes = [f"   METHODS 2.2b (full width, 32px): local step ~{ref['local step']}, BP ~{ref['BP step']}, dense B "
              f"~{ref_b} GFLOP/view: B ~{ref_b / ref_saved:.1f}x the input-gradient pass that local training skips, "
              "so CLAPP++ roughly even with BP."]
-    bp, dense = ok.get(BASELINE), ok.get("clapp++")
+    dense = ok.get("clapp++")
+    bp_name = twins.get("clapp++")
+    bp = ok.get(bp_name) if bp_name else None
     if not (bp and dense and bp["encoder_bwd_input"] > 0):
         return notes
     saved = bp["encoder_bwd_input"]
@@ -268,7 +288,7 @@ def _flop_notes(per_rule: dict[str, Any], width: float) -> list[str]:
     if "clapp++global" in ok:
         g = ok["clapp++global"]["total"]
         line += f", clapp++global {g / 1e9:.4f} ({g / bp['total']:.2f}x)"
-    notes.append(line + f", {BASELINE} {bp['total'] / 1e9:.4f}.")
+    notes.append(line + f", {bp_name} {bp['total'] / 1e9:.4f}.")
     notes.append(f"   x{scale:.0f} (width {width} -> 1): local step ~{dense['total'] * scale / 1e9:.1f}, BP "
                  f"~{bp['total'] * scale / 1e9:.1f}, dense B ~{b_cost * scale / 1e9:.1f} GFLOP/view (counting 2 FLOPs "
                  "per multiply-add).")
@@ -281,3 +301,62 @@ def _flop_notes(per_rule: dict[str, Any], width: float) -> list[str]:
                      "(see 'in AdamW' in table 1).")
     return notes
 
+
+
+def _changed_rule_options(resolved: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The options a bench ran with that differ from their rule's defaults (``--rule-opt``), over all its rules."""
+    from dataclasses import asdict
+
+    from localssl.rules import RULES
+
+    out: dict[str, Any] = {}
+    for rule, opts in resolved.items():
+        if rule not in RULES:  # a result of a version with other rules
+            continue
+        defaults = asdict(RULES.get(rule).options())
+        out.update({k: v for k, v in opts.items() if k in defaults and defaults[k] != v})
+    return out
+
+
+def twin_table(results: Sequence[dict[str, Any]]) -> str:
+    """A Markdown table of saved `run_bench` results (``localssl bench --table FILE.json ...``): per rule, its
+    peak saved activations against its BP twin and against the per-stage floor, and its images/s against the
+    twin's, one block of rows per result (its encoder, input size, batch, width and precision in the first column).
+
+    The README's bench table for the ResNets is this output, so it cannot drift from the JSON it cites.
+    """
+    head = ["encoder, input", "rule", "BP twin", "saved activations, MiB", "vs twin", "vs floor", "images/s",
+            "vs twin"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    notes = []
+    for res in results:
+        c = res["config"]
+        changed = _changed_rule_options(c.get("rule_options") or {})
+        heads = ", ".join(f"{k}={v}" for k, v in changed.items()) if changed else "rule options at their defaults"
+        where = f"{c['encoder']} width {c['width']}, {{size}} px, batch {c['batch_size']}, {c['precision']}; {heads}"
+        speed = {}
+        entries = (res.get("speed") or {}).get("entries") or []
+        if entries:
+            speed = {r["rule"]: r for r in entries[0]["rules"] if r["main"]}
+        for m in res.get("memory", []):
+            f = m["floor"]
+            label = where.format(size=m["image_size"])
+            rows = [d for d in m["rules"].values() if "error" not in d and not d.get("micro_batch")]
+            for i, d in enumerate(rows):
+                sp = speed.get(d["rule"], {})
+                lines.append("| " + " | ".join([
+                    label if i == 0 else "", d["rule"], d.get("bp_twin", "-"), _mib(d["peak_saved_activation_bytes"]),
+                    f"{d['vs_bp']:.2f}x" if "vs_bp" in d else "-",
+                    f"{d['peak_saved_activation_bytes'] / f['floor_bytes']:.2f}x",  # results of earlier versions too
+                    f"{sp['images_per_s']:.1f}" if "images_per_s" in sp else "-",
+                    f"{sp['vs_bp']:.2f}x" if "vs_bp" in sp else "-"]) + " |")
+            # The floor against the BP twin of the first local rule: the lowest a local rule could get to.
+            twin = next((d["bp_twin"] for d in rows if d["local"] and "bp_twin" in d), None)
+            twin_bytes = m["rules"][twin]["peak_saved_activation_bytes"] if twin else None
+            lines.append("| " + " | ".join([
+                "", f"per-stage floor: block {f['largest_block'] + 1} alone, no head", twin or "",
+                _mib(f["floor_bytes"]), f"{f['floor_bytes'] / twin_bytes:.2f}x" if twin_bytes else "", "1.00x",
+                "", ""]) + " |")
+            notes.append(f"{label}: floor {_mib(f['floor_bytes'])} MiB = {f['floor_ratio']:.2f} of the whole "
+                         f"encoder's {_mib(f['bp_encoder_bytes'])} MiB under BP (no head)")
+    return "\n".join(lines + [""] + [f"- {n}" for n in dict.fromkeys(notes)])

@@ -18,7 +18,6 @@ import torch
 from localssl.engine.runtime import autocast
 from localssl.models import BlockEncoder, build_encoder
 from localssl.reports.bench.common import (
-    BASELINE,
     BUILD_ERRORS,
     MEMORY_TARGET,
     BenchState,
@@ -153,7 +152,6 @@ def encoder_block_bytes(encoder: BlockEncoder, views: torch.Tensor,
 
 
 # --------------------------------------------------------------------------- parameter memory
-# --------------------------------------------------------------------------- parameter memory
 
 
 def parameter_memory(state: BenchState) -> dict[str, Any]:
@@ -231,18 +229,22 @@ def check_fits(planned_bytes: int, available: int | None, what: str) -> None:
 
 def measure_memory(rules: Sequence[str], encoder: str, width: float, size: int, batch_size: int,
                    dev: torch.device, amp_dtype: torch.dtype | None, channels_last: bool,
-                   micro_batch: int | None, seed: int, log: Log, *,
+                   micro_batch: int | None, seed: int, log: Log, twins: Mapping[str, str | None] | None = None, *,
                    encoder_options: Mapping[str, Any] | None = None,
                    rule_options: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Any]:
     """Tables 2/3 at one image size: the per-block floor, then every rule's saved activations and parameters.
 
+    Every row is compared with its BP twin's plain step (``twins``: rule ->
+    end-to-end rule, `common.bp_twins`; ``vs_bp``) and with the floor
+    (``vs_floor``: its peak over the largest block's own saved activations).
+    A micro-batched row is compared with its twin's *plain* step, as before.
     ``encoder_options``: the encoder's own options; ``rule_options``: rule
     name -> that rule's options (a rule not in it: its defaults).
     """
     rule_options = rule_options or {}
     views = random_views(batch_size, size, dev, channels_last, seed)
     torch.manual_seed(seed)
-    enc = build_encoder(encoder, width, 3, encoder_options, image_size=size).to(
+    enc = build_encoder(encoder, width, 3, options=encoder_options, image_size=size).to(
         dev, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     log(f"memory: per-block floor at {size}px")
     per_block, bp_total = encoder_block_bytes(enc, views, amp_dtype)
@@ -300,19 +302,22 @@ def measure_memory(rules: Sequence[str], encoder: str, width: float, size: int, 
             "group_peaks": tracker.group_peaks,
             "peak_saved_param_bytes": tracker.peak_param_bytes,
             "live_after_step_bytes": tracker.live_bytes,
+            "vs_floor": tracker.peak_bytes / max(per_block),
             "parameters": parameter_memory(st),
         }
         if cuda_before is not None:
             d["cuda_step_peak_bytes"] = torch.cuda.max_memory_allocated(dev) - cuda_before
         out["rules"][label] = d
         del st, tracker
-    base = out["rules"].get(BASELINE)
-    if base is None or "error" in base:
-        base = next((d for d in out["rules"].values() if "error" not in d and not d["local"]), None)
-    if base is not None:
-        for d in out["rules"].values():
-            if "error" not in d:
-                d["vs_bp"] = d["peak_saved_activation_bytes"] / base["peak_saved_activation_bytes"]
-                if d["local"]:
-                    d["meets_target"] = d["vs_bp"] <= MEMORY_TARGET
+    for d in out["rules"].values():
+        if "error" in d:
+            continue
+        twin = (twins or {}).get(d["rule"])
+        base = out["rules"].get(twin) if twin else None
+        if base is None or "error" in base:
+            continue
+        d["bp_twin"] = twin
+        d["vs_bp"] = d["peak_saved_activation_bytes"] / base["peak_saved_activation_bytes"]
+        if d["local"]:
+            d["meets_target"] = d["vs_bp"] <= MEMORY_TARGET
     return out

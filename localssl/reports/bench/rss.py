@@ -53,7 +53,8 @@ def rss_child() -> None:
     device = torch.device(cfg["device"])
     amp_dtype = getattr(torch, cfg["amp"]) if cfg["amp"] else None
     st = build_state(cfg["rule"], cfg["encoder"], cfg["width"], cfg["image_size"], device, amp_dtype,
-                     cfg["channels_last"], cfg["seed"], cfg.get("micro_batch"))
+                     cfg["channels_last"], cfg["seed"], cfg.get("micro_batch"), cfg.get("encoder_options"),
+                     cfg.get("rule_options"))
     views = random_views(cfg["batch_size"], cfg["image_size"], device, cfg["channels_last"], cfg["seed"])
     gc.collect()
     before = psutil.Process().memory_info().rss
@@ -70,13 +71,14 @@ def rss_child() -> None:
 
 def peak_rss(rule: str, encoder: str, width: float, image_size: int, batch_size: int, steps: int,
              device: torch.device, amp_dtype: torch.dtype | None, channels_last: bool, threads: int | None,
-             seed: int, micro_batch: int | None = None, retain_memory: bool = True) -> dict[str, int]:
+             seed: int, micro_batch: int | None = None, retain_memory: bool = True,
+             encoder_options: dict | None = None, rule_options: dict | None = None) -> dict[str, int]:
     """Whole-process peak RSS of ``steps`` training steps of one rule, in a fresh interpreter."""
     cfg = {"rule": rule, "encoder": encoder, "width": width, "image_size": image_size,
            "batch_size": batch_size, "steps": steps, "device": str(device),
            "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else None,
            "channels_last": channels_last, "threads": threads, "seed": seed, "micro_batch": micro_batch,
-           "retain_memory": retain_memory}
+           "retain_memory": retain_memory, "encoder_options": encoder_options, "rule_options": rule_options}
     root = str(Path(__file__).resolve().parents[3])  # the folder that holds localssl/
     env = dict(os.environ)
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")

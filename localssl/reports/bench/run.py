@@ -1,18 +1,17 @@
 """The orchestrator of ``localssl bench``: which widths and precisions, then every measuring tool in turn."""
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
 from localssl.engine import runtime
 from localssl.engine.runtime import environment_info, resolve_amp, resolve_device, retain_freed_memory
-from localssl.models import build_encoder
+from localssl.models import build_encoder, resolve_encoder_options
 from localssl.reports.bench.breakdown import measure_breakdown
 from localssl.reports.bench.common import (
     AUGMENT_TARGET,
-    BASELINE,
     DEFAULT_RULES,
     MEMORY_TARGET,
     PRECISIONS,
@@ -20,6 +19,9 @@ from localssl.reports.bench.common import (
     REFERENCE_GFLOP,
     SPEED_TARGETS,
     Log,
+    bench_config,
+    bp_twins,
+    check_rule_options,
     dtype_name,
     rule_variants,
     variant_label,
@@ -28,6 +30,7 @@ from localssl.reports.bench.flops import measure_flops
 from localssl.reports.bench.memory import measure_memory
 from localssl.reports.bench.rss import peak_rss
 from localssl.reports.bench.speed import Schedule, loadavg, measure_speed
+from localssl.rules import resolve_rule_options
 
 #: Widths timed by default: the README's 0.25 and the paper's full width.
 DEFAULT_WIDTHS = (0.25, 1.0)
@@ -110,6 +113,8 @@ def run_bench(
     retain_memory: bool = True,
     seed: int = 0,
     log: Log | None = None,
+    encoder_options: Mapping[str, Any] | None = None,
+    rule_options: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Run the benchmark and return every figure as a JSON-serialisable dict.
 
@@ -129,6 +134,11 @@ def run_bench(
     and RSS figures. ``breakdown`` times every op of a few steps per rule,
     by family. ``retain_memory`` sets the allocator as `localssl train` does
     (`retain_freed_memory`, in this process and in the RSS subprocesses).
+    ``encoder_options`` are the encoder's own (ResNet's stem, cut);
+    ``rule_options`` go to every rule that takes them (head sizes of the
+    blockwise rules and their BP twins alike). Every rule is compared with its
+    BP twin (`common.bp_twins`: its registered counterpart where benched, else
+    the first end-to-end rule benched).
     """
     log = log or (lambda msg: None)
     rules = list(rules)
@@ -155,8 +165,15 @@ def run_bench(
     precisions, precision_note = resolve_precisions(precisions, support)
     amp_dtype = PRECISIONS[precisions[0]]  # of every table but the speed rounds
     width = widths[0]
-    for w in dict.fromkeys(widths):
-        build_encoder(encoder, w, image_size=speed_size)  # unknown encoder names fail here, before any work
+    for w in dict.fromkeys(widths):  # unknown encoder names or options fail here, before any work
+        build_encoder(encoder, w, options=encoder_options, image_size=speed_size)
+    check_rule_options(rules, rule_options)
+    twins = bp_twins(rules, encoder, width, speed_size, encoder_options)
+    # What each rule trains with, every default written out: a figure says which head it measured.
+    resolved_rules = {r: resolve_rule_options(r, bench_config(r, encoder, width, None, rule_options).rule_options)
+                      for r in rules}
+    # The shared --rule-opt mapping, as each rule's own options (what the measuring tools take).
+    per_rule = {r: bench_config(r, encoder, width, None, rule_options).rule_options for r in rules}
     schedules = [Schedule(wide_steps, wide_warmup, wide_rounds) if w >= WIDE_WIDTH else Schedule(steps, warmup, rounds)
                  for w in widths]
 
@@ -172,12 +189,14 @@ def run_bench(
             "rules": rules, "device": str(dev), "threads": torch.get_num_threads(), "channels_last": channels_last,
             "cpu_native_bf16": runtime.cpu_supports_bf16() if dev.type == "cpu" else None, "seed": seed,
             "micro_batch": micro_batch,
+            "encoder_options": resolve_encoder_options(encoder, encoder_options, speed_size),
+            "rule_options": resolved_rules, "bp_twins": twins,
         },
         "env": environment_info(dev),
         "precision_support": support,
         "precision_note": precision_note,
         "targets": {"speed_vs_bp": SPEED_TARGETS, "memory_local_vs_bp": MEMORY_TARGET,
-                    "augment_vs_train": AUGMENT_TARGET, "baseline": BASELINE},
+                    "augment_vs_train": AUGMENT_TARGET},
         "reference": {"gflop_per_view_full_width_32px": REFERENCE_GFLOP, "floor_vgg6_32px": REFERENCE_FLOOR},
     }
     if precision_note:
@@ -186,17 +205,20 @@ def run_bench(
     result["load_average_before"] = loadavg()
     if speed or augment:
         result["speed"] = measure_speed(rules, encoder, widths, precisions, schedules, speed_size, batch_size, dev,
-                                        channels_last, speed, augment, compare_precision, micro_batch, seed, log)
+                                        channels_last, speed, augment, compare_precision, micro_batch, seed, log,
+                                        twins, encoder_options=encoder_options, rule_options=per_rule)
     if breakdown:
         s0 = schedules[0]
         result["time_breakdown"] = measure_breakdown(rules, encoder, width, speed_size, batch_size, s0.steps,
-                                                     s0.warmup, s0.rounds, dev, amp_dtype, channels_last, seed, log)
+                                                     s0.warmup, s0.rounds, dev, amp_dtype, channels_last, seed, log,
+                                                     encoder_options, rule_options)
     if flops:
         result["flops"] = measure_flops(rules, encoder, width, speed_size, batch_size, dev, amp_dtype, channels_last,
-                                        seed, log)
+                                        seed, log, encoder_options, rule_options)
     if memory:
         result["memory"] = [
-            measure_memory(rules, encoder, width, s, batch_size, dev, amp_dtype, channels_last, micro_batch, seed, log)
+            measure_memory(rules, encoder, width, s, batch_size, dev, amp_dtype, channels_last, micro_batch, seed, log,
+                           twins, encoder_options=encoder_options, rule_options=per_rule)
             for s in image_sizes
         ]
     if rss:
@@ -207,7 +229,7 @@ def run_bench(
                 log(f"peak RSS: {label} at {s}px (subprocess)")
                 try:
                     d = peak_rss(r, encoder, width, s, batch_size, max(1, warmup + 1), dev, amp_dtype,
-                                 channels_last, threads, seed, mb, retain_memory)
+                                 channels_last, threads, seed, mb, retain_memory, encoder_options, rule_options)
                 except RuntimeError as e:
                     d = {"error": str(e)}
                 result["rss"].append({"rule": r, "label": label, "micro_batch": mb, "image_size": s, **d})

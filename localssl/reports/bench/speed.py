@@ -21,7 +21,6 @@ import torch
 
 from localssl.reports.bench.common import (
     AUGMENT_TARGET,
-    BASELINE,
     BUILD_ERRORS,
     PRECISIONS,
     SPEED_TARGETS,
@@ -134,6 +133,7 @@ def measure_speed(
     micro_batch: int | None,
     seed: int,
     log: Log,
+    twins: Mapping[str, str | None] | None = None,
     *,
     encoder_options: Mapping[str, Any] | None = None,
     rule_options: Mapping[str, Mapping[str, Any]] | None = None,
@@ -142,9 +142,10 @@ def measure_speed(
 
     The first width's first precision also carries the extra rows of
     `speed_variants`. A rule that cannot be built or run at a width (pooling
-    grids that do not fit, memory) becomes a row with its ``error``.
-    ``encoder_options``: the encoder's own options; ``rule_options``: rule
-    name -> that rule's options (a rule not in it: its defaults).
+    grids that do not fit, memory) becomes a row with its ``error``. Every
+    row's ratio is against its BP twin (``twins``, `common.bp_twins`) at the
+    same width and precision. ``encoder_options``: the encoder's own options;
+    ``rule_options``: rule name -> that rule's options (a rule not in it: its defaults).
     """
     options = {"encoder_options": encoder_options, "rule_options": rule_options or {}}
     entries: list[dict[str, Any]] = []
@@ -164,7 +165,7 @@ def measure_speed(
             entries.append({"width": width, "precision": p, "steps": sched.steps, "warmup": sched.warmup,
                             "rounds": sched.rounds, "interleaved_with": [q for q in precisions if q != p],
                             "rules": by_entry[p]})
-        _ratios(entries[-len(precisions):] if do_train else [])
+        _ratios(entries[-len(precisions):] if do_train else [], twins or {})
     out: dict[str, Any] = {"image_size": size, "unit": "images/s (one image = two views)",
                            "widths": list(widths), "precisions": list(precisions), "entries": entries}
     if augment is not None:
@@ -288,24 +289,25 @@ def _time_width(variants: list[dict[str, Any]], encoder: str, width: float, sche
     return rows, augment
 
 
-def _ratios(entries: Sequence[dict[str, Any]]) -> None:
-    """Add to every timed row its ratio to BP (same width and precision) and bf16 rows their ratio to fp32.
+def _ratios(entries: Sequence[dict[str, Any]], twins: Mapping[str, str | None]) -> None:
+    """Add to every timed row its ratio to its BP twin (same width and precision) and bf16 rows their ratio to fp32.
 
     Each comes with the quartiles of the same ratio taken round by round (the
     two rows ran back to back inside every round, so a burst of load hits
     both): they say how far the one median ratio can be trusted on this
     machine.
     """
-    def main_row(entry: dict[str, Any], rule: str) -> dict[str, Any] | None:
+    def main_row(entry: dict[str, Any], rule: str | None) -> dict[str, Any] | None:
         return next((r for r in entry["rules"] if r["main"] and r["rule"] == rule and "images_per_s" in r), None)
 
     fp32 = next((e for e in entries if e["precision"] == "fp32"), None)
     for entry in entries:
-        base = main_row(entry, BASELINE)
         for row in entry["rules"]:
             if "images_per_s" not in row:
                 continue
+            base = main_row(entry, twins.get(row["rule"]))
             if base is not None:
+                row["bp_twin"] = base["rule"]
                 row["vs_bp"] = row["images_per_s"] / base["images_per_s"]
                 row["vs_bp_rounds_quartiles"] = quartiles([a / b for a, b in zip(row["rounds"], base["rounds"])])
                 if row["main"] and row["rule"] in SPEED_TARGETS:
