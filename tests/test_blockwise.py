@@ -158,9 +158,9 @@ def test_options_are_checked_and_listed():
         build_rule("blockwise-simclr", resnet()[1], {"noise_mode": "pixel"})
 
 
-def test_the_default_expansion_is_the_encoders_output_width_as_the_paper_expands_to_2048():
+def test_expansion_0_is_the_encoders_output_width_as_the_paper_expands_to_2048():
     _, shapes = resnet()
-    rule = build_rule("blockwise-barlow", shapes)
-    assert rule.options.expansion == 0
+    rule = build_rule("blockwise-barlow", shapes, {"expansion": 0})
     assert [h.expand[0].out_channels for h in rule.heads] == [shapes[-1][0]] * 4
+    assert build_rule("blockwise-barlow", shapes).heads[0].expand[0].out_channels == 256  # the CPU-sized default
     assert build_rule("blockwise-barlow", shapes, {"expansion": 12}).heads[0].expand[0].out_channels == 12

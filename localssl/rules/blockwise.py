@@ -7,9 +7,11 @@ two-view loss:
   + ReLU between layers, a bias-free Linear last), as blockwise SSL builds it
   on facebookresearch/barlowtwins. Published for ResNet-50: E = 2048 and a
   8192-8192-8192 projector: every stage is expanded to the width of the
-  network's output (2048). The default here does the same (``expansion=0``:
-  the last block's channel count, 512 x width for ResNet-18) with a
-  512-512-512 projector, sized for CPU runs.
+  network's output (2048; here ``expansion=0`` does that for any encoder).
+  The defaults (E = 256, a 512-512-512 projector) are sized for CPU runs: an
+  expansion is held at the stage's resolution, and at the first stage a wide
+  one costs more activation memory than blockwise training saves (README,
+  bench on ResNet-18/50).
 - loss: Barlow Twins, VICReg or SimCLR's NT-Xent on the two views' embeddings.
 Options: Gaussian noise injection on every block output while training (std
 = ``noise`` x the activation's std over (h, w), per channel or over all;
@@ -40,7 +42,7 @@ class HeadOptions(RuleOptions):
     """expansion: E, channels of the conv expansion (0: the last block's channel count, as the paper expands
     every ResNet-50 stage to its 2048 output channels); expansion_kernel: 1 or 3; projector: the MLP's widths."""
 
-    expansion: int = 0
+    expansion: int = 256
     expansion_kernel: int = 1
     projector: list[int] = field(default_factory=lambda: [512, 512, 512])
 
