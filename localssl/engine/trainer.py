@@ -251,7 +251,9 @@ def _train(cfg: TrainConfig, resume: bool, out: Path) -> Path:
                 "per group); it cannot be resumed by this version: its weights still load for `localssl probe`"
             )
         # Through TrainConfig (checkpoint_config): an earlier version's rule options are top-level keys.
-        cfg, diff = resume_config(cfg, checkpoint_config(state, ckpt_path), data_recorded="data" in state)
+        saved_cfg = checkpoint_config(state, ckpt_path)
+        saved = to_dict(saved_cfg)
+        cfg, diff = resume_config(cfg, saved_cfg, data_recorded="data" in state)
         if diff:
             raise ConfigError(
                 "cannot resume with a different config: "
