@@ -145,6 +145,13 @@ class CompareConfig:
     budget: int | None = None  # training steps of every rule (each run's max_steps); required
     batch_size: int = 32
     lr: float = 2e-4
+    # the optimizer and lr schedule every rule trains with (TrainConfig's fields of the same names)
+    weight_decay: float = 0.0
+    optimizer: str = "adamw"
+    momentum: float = 0.9
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
+    min_lr: float = 0.0
     seed: int = 0
     device: str = "auto"
     amp: str = "auto"

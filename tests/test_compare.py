@@ -189,3 +189,16 @@ def test_the_baseline_of_local_rules_alone_is_their_bp_counterpart_with_their_he
                         rule_options={"blockwise-barlow": {"expansion": 16, "noise": 0.25}})
     rule, options = baseline({"blockwise-barlow": train_config(cfg, "blockwise-barlow")})
     assert rule == "bp-barlow" and options["expansion"] == 16 and "noise" not in options
+
+
+def test_every_rule_trains_with_the_comparisons_optimizer_and_schedule():
+    from localssl.reports.compare.runs import train_config
+
+    cfg = CompareConfig(rules=["blockwise-barlow", "bp-barlow"], encoder="resnet18", width=1 / 16, budget=4,
+                        optimizer="lars", momentum=0.8, lr=0.2, weight_decay=1e-6, lr_schedule="cosine",
+                        warmup_steps=1, min_lr=0.01)
+    for rule in cfg.rules:
+        t = train_config(cfg, rule)
+        assert (t.optimizer, t.momentum, t.lr, t.weight_decay, t.lr_schedule, t.warmup_steps, t.min_lr) == (
+            "lars", 0.8, 0.2, 1e-6, "cosine", 1, 0.01)
+    assert train_config(CompareConfig(rules=["loco"], budget=1), "loco").optimizer == "adamw"

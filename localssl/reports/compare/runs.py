@@ -44,8 +44,10 @@ def train_config(cfg: CompareConfig, rule: str) -> TrainConfig:
         rule=rule, encoder=cfg.encoder, width=cfg.width, encoder_options=cfg.encoder_options,
         rule_options=(cfg.rule_options or {}).get(rule), dataset=cfg.dataset, data_dir=cfg.data_dir,
         subset=cfg.subset, resize=cfg.resize, max_steps=cfg.budget, batch_size=cfg.batch_size, lr=cfg.lr,
-        seed=cfg.seed, device=cfg.device, amp=cfg.amp, threads=cfg.threads, out=str(Path(cfg.out) / rule),
-        checkpoint_every=cfg.checkpoint_every, progress=cfg.progress,
+        weight_decay=cfg.weight_decay, optimizer=cfg.optimizer, momentum=cfg.momentum, lr_schedule=cfg.lr_schedule,
+        warmup_steps=cfg.warmup_steps, min_lr=cfg.min_lr, seed=cfg.seed, device=cfg.device, amp=cfg.amp,
+        threads=cfg.threads, out=str(Path(cfg.out) / rule), checkpoint_every=cfg.checkpoint_every,
+        progress=cfg.progress,
     )
     spec = dataset_spec(cfg.dataset)
     size = cfg.resize or spec.image_size
