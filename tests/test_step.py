@@ -53,10 +53,12 @@ class Overlapping(Rule):
 
 
 def setup(norm=False, overlap=1):
+    """float64 throughout: the checks below compare sums taken in different orders, exact to ~1e-15 relative."""
     enc = encoder(norm)
     shapes = enc.feature_shapes((3, 8, 8))
-    rule = Overlapping(shapes, overlap)
-    views = torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    enc.double()
+    rule = Overlapping(shapes, overlap).double()
+    views = torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     return enc, rule, views
 
 
@@ -100,7 +102,7 @@ def test_overlapping_groups_get_the_sum_of_the_gradients_of_each_loss_by_hand(ov
     train_step(enc, rule, None, views)
     got = grads(enc, rule)
     for n in want:
-        torch.testing.assert_close(got[n], want[n], rtol=1e-6, atol=1e-7, msg=n)
+        torch.testing.assert_close(got[n], want[n], rtol=1e-10, atol=1e-12, msg=n)
 
 
 def test_overlap_sends_gradient_one_block_down_and_no_further():
@@ -129,10 +131,10 @@ def test_micro_batched_overlapping_step_equals_the_plain_one():
     enc_b, rule_b = copy.deepcopy(enc), copy.deepcopy(rule)
     la = PlainStep()(enc, rule, None, views)
     lb = MicroBatchedStep(3)(enc_b, rule_b, None, views)
-    torch.testing.assert_close(torch.stack(la), torch.stack(lb), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(torch.stack(la), torch.stack(lb), rtol=1e-12, atol=0)
     a, b = grads(enc, rule), grads(enc_b, rule_b)
     for n in a:
-        torch.testing.assert_close(a[n], b[n], rtol=1e-5, atol=1e-7, msg=n)
+        torch.testing.assert_close(a[n], b[n], rtol=1e-10, atol=1e-12, msg=n)
     enc_n, rule_n, _ = setup(norm=True)
     with pytest.raises(ValueError, match="BatchNorm"):
         MicroBatchedStep(3)(enc_n, rule_n, None, views)
@@ -179,6 +181,7 @@ def test_a_batch_says_its_layout_and_the_step_checks_it_against_the_rules():
     enc, rule, views = setup()
     maker = SimCLRViews(8, (0.5,) * 3, (0.25,) * 3)
     batch = maker.batch(torch.randint(0, 256, (4, 8, 8, 3), dtype=torch.uint8))
+    batch = ViewBatch(batch.x.double(), batch.layout)  # the float64 encoder of `setup`
     assert batch.layout == ViewLayout(2, "rows") == rule.layout and batch.x.shape == (8, 3, 8, 8)
     assert batch.images == 4
     losses = PlainStep()(enc, rule, None, batch)

@@ -25,6 +25,22 @@ __all__ = ["dfb", "projection", "theorem31"]
 
 
 @_one_thread
+def _views_and_widths(mnist_dir, width, in_dim, depth, n_samples, preprocess, columns):
+    """The two views and the layer widths of a deep linear network experiment.
+
+    Defaults: MNIST (14 x 14 = 196 inputs, width 128), else synthetic data
+    with the input as wide as the layers (64).
+    """
+    if mnist_dir is not None:
+        width, in_dim = width or 128, in_dim or 196
+    else:
+        width = width or 64
+        in_dim = in_dim or width
+    v1, v2, data = make_views(mnist_dir=mnist_dir, n_samples=n_samples, dim=in_dim, preprocess=preprocess,
+                              columns=columns)
+    return v1, v2, data, [in_dim] + [width] * depth
+
+
 def theorem31(*, f: str = "logistic", seeds: int | Sequence[int] = 2, mnist_dir: str | Path | None = None,
               n_batches: int = 4, batch_size: int = 32, width: int | None = None, depth: int = 6,
               in_dim: int | None = None, lam: float = DEFAULT_LAM, shared_b: bool = False,
@@ -41,15 +57,8 @@ def theorem31(*, f: str = "logistic", seeds: int | Sequence[int] = 2, mnist_dir:
     the first seed (0 to skip).
     """
     t0 = time.perf_counter()
-    if mnist_dir is not None:
-        width = width or 128
-        in_dim = in_dim or 196
-    else:
-        width = width or 64
-        in_dim = in_dim or width
-    v1, v2, data = make_views(mnist_dir=mnist_dir, n_samples=n_batches * batch_size, dim=in_dim,
-                              preprocess=preprocess, columns=columns)
-    widths = [in_dim] + [width] * depth
+    v1, v2, data, widths = _views_and_widths(mnist_dir, width, in_dim, depth, n_batches * batch_size, preprocess,
+                                             columns)
     res = TheoryResult("theorem31", primary="cosine_mean",
                        config=dict(f=f, seeds=_seed_list(seeds), n_batches=n_batches, batch_size=batch_size,
                                    widths=widths, init="orthogonal", lam=lam, shared_b=shared_b, data=data))
@@ -158,14 +167,8 @@ def projection(*, f: str = "logistic", seeds: int | Sequence[int] = 5, mnist_dir
     two view-B's are averaged.
     """
     t0 = time.perf_counter()
-    if mnist_dir is not None:
-        width, in_dim = width or 128, in_dim or 196
-    else:
-        width = width or 64
-        in_dim = in_dim or width
-    v1, v2, data = make_views(mnist_dir=mnist_dir, n_samples=n_batches * batch_size, dim=in_dim,
-                              preprocess=preprocess, columns=columns)
-    widths = [in_dim] + [width] * depth
+    v1, v2, data, widths = _views_and_widths(mnist_dir, width, in_dim, depth, n_batches * batch_size, preprocess,
+                                             columns)
     seed_list = _seed_list(seeds)
     res = TheoryResult("projection", primary="cos(B^l,M'B^LM)_mean",
                        config=dict(f=f, seeds=seed_list, n_batches=n_batches, batch_size=batch_size,

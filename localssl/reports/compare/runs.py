@@ -18,7 +18,7 @@ probe settings asked for; otherwise the run is probed again.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -40,15 +40,12 @@ def train_config(cfg: CompareConfig, rule: str) -> TrainConfig:
     from localssl.builder import resolve
     from localssl.data import dataset_spec
 
-    tcfg = TrainConfig(
-        rule=rule, encoder=cfg.encoder, width=cfg.width, encoder_options=cfg.encoder_options,
-        rule_options=(cfg.rule_options or {}).get(rule), dataset=cfg.dataset, data_dir=cfg.data_dir,
-        subset=cfg.subset, resize=cfg.resize, max_steps=cfg.budget, batch_size=cfg.batch_size, lr=cfg.lr,
-        weight_decay=cfg.weight_decay, optimizer=cfg.optimizer, momentum=cfg.momentum, lr_schedule=cfg.lr_schedule,
-        warmup_steps=cfg.warmup_steps, min_lr=cfg.min_lr, seed=cfg.seed, device=cfg.device, amp=cfg.amp,
-        threads=cfg.threads, out=str(Path(cfg.out) / rule), checkpoint_every=cfg.checkpoint_every,
-        progress=cfg.progress,
-    )
+    # Every field the two configs share by name is the comparison's, so a TrainConfig field added later
+    # (the optimizer and schedule once were missing here) reaches every rule without a line more.
+    shared = {f.name for f in fields(CompareConfig)} & {f.name for f in fields(TrainConfig)}
+    tcfg = TrainConfig(**{k: getattr(cfg, k) for k in shared - {"rule_options", "out"}},
+                       rule=rule, rule_options=(cfg.rule_options or {}).get(rule), max_steps=cfg.budget,
+                       out=str(Path(cfg.out) / rule))
     spec = dataset_spec(cfg.dataset)
     size = cfg.resize or spec.image_size
     if size is None:  # imagefolder: its size is known once its images are read; train() resolves it then
