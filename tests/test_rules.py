@@ -41,7 +41,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from localssl.builder import options_for
+from localssl.data.augment import ViewBatch, ViewLayout
 from localssl.engine.optim import LARS
+from localssl.engine.step import unpack
 from localssl.engine.trainer import NonFiniteLossError, build_optimizer, train_step
 from localssl.models import build_encoder, split_into_blocks
 from localssl.rules import (
@@ -115,13 +117,16 @@ CASES = {
 ROW_WISE_CASES = ["vgg", "tail"]
 
 
-def make_views(in_shape, seed: int = 0, n: int = N_IMAGES, dtype=torch.float32) -> torch.Tensor:
-    """Two noisy views of the same n random images, stacked [view 1; view 2]."""
+def make_views(in_shape, seed: int = 0, n: int = N_IMAGES, dtype=torch.float32,
+               layout: ViewLayout = ViewLayout()) -> torch.Tensor | ViewBatch:
+    """``layout.n`` noisy views of the same n random images, stacked [view 1; view 2; ...] along the rows
+    (a plain tensor for the default two-row layout) or the channels (a `ViewBatch`), as the rule reads them."""
     g = torch.Generator().manual_seed(1000 + seed)
     base = torch.randn(n, *in_shape, generator=g, dtype=dtype)
-    v1 = base + 0.3 * torch.randn(base.shape, generator=g, dtype=dtype)
-    v2 = base + 0.3 * torch.randn(base.shape, generator=g, dtype=dtype)
-    return torch.cat([v1, v2])
+    views = [base + 0.3 * torch.randn(base.shape, generator=g, dtype=dtype) for _ in range(layout.n)]
+    if layout == ViewLayout():
+        return torch.cat(views)
+    return ViewBatch(torch.cat(views, dim=0 if layout.stacking == "rows" else 1), layout)
 
 
 def setup(rule_name: str, case: str = "vgg", seed: int = 0, **opts):
@@ -130,7 +135,7 @@ def setup(rule_name: str, case: str = "vgg", seed: int = 0, **opts):
     shapes = enc.feature_shapes(in_shape)
     # Small heads; each rule takes the options it has (a spatial rule pools to the case's grids, others ignore them).
     rule = build_rule(rule_name, shapes, options_for(rule_name, {"proj_dim": 16, **opts}), grids=grids)
-    return enc, rule, make_views(in_shape, seed)
+    return enc, rule, make_views(in_shape, seed, layout=rule.layout)
 
 
 def named_trainable(enc: nn.Module, rule: nn.Module) -> dict[str, nn.Parameter]:
@@ -155,6 +160,7 @@ def with_grad(named: dict[str, nn.Parameter]) -> set[str]:
 
 def paper_backward(enc, rule, views) -> list[torch.Tensor]:
     """The reference code's way: every block input detached, sum of all losses, one backward."""
+    views = unpack(views, rule)
     top = None
     if rule.needs_top_context:
         with torch.no_grad():
