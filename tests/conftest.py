@@ -21,6 +21,19 @@ def _one_thread():
     torch.set_num_threads(old)
 
 
+class _Routed:
+    """A step whose calls go to ``fn(step, ...)``; the rest of the step's interface (its lr span) is the step's."""
+
+    def __init__(self, step, fn):
+        self.step, self.fn = step, fn
+
+    def __call__(self, *args, **kwargs):
+        return self.fn(self.step, *args, **kwargs)
+
+    def lr_span(self, *args):
+        return self.step.lr_span(*args)
+
+
 @pytest.fixture
 def route_steps(monkeypatch):
     """``route_steps(fn)``: every step `train` runs calls ``fn(step, *args, **kw)`` instead, ``step``
@@ -33,8 +46,7 @@ def route_steps(monkeypatch):
         if fn is None:
             monkeypatch.setattr(trainer_mod, "build_step", real_build)
             return
-        monkeypatch.setattr(trainer_mod, "build_step",
-                            lambda *a, **k: (lambda *sa, **skw: fn(real_build(*a, **k), *sa, **skw)))
+        monkeypatch.setattr(trainer_mod, "build_step", lambda *a, **k: _Routed(real_build(*a, **k), fn))
 
     return route
 

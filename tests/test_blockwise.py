@@ -10,7 +10,8 @@ from torch import nn
 
 from localssl.builder import build_step
 from localssl.config import ConfigError, TrainConfig
-from localssl.engine.step import MicroBatchedStep, SequentialStep, train_step
+from localssl.engine.optim import lr_at
+from localssl.engine.step import MicroBatchedStep, PlainStep, SequentialStep, train_step
 from localssl.engine.trainer import train
 from localssl.models import build_encoder
 from localssl.rules import RULES, Head, build_rule, inject_noise
@@ -147,6 +148,26 @@ def test_sequential_schedule_trains_each_stage_for_its_share_of_the_run(tmp_path
     assert trained == [[1], [1], [2], [2], [3], [3], [4], [4]]
     with pytest.raises(ConfigError, match="overlapping groups would move them"):
         build_rule("loco", resnet()[1], {"schedule": "sequential"})
+
+
+def test_sequential_schedule_gives_every_stage_its_own_warmup_and_cosine(tmp_path):
+    # One cosine over the run would leave the last stage only the decay's tail; each stage is a run of its own.
+    rule_opts = {**SMALL, "schedule": "sequential"}
+    cfg = TrainConfig(rule="blockwise-barlow", encoder="resnet18", width=1 / 16, dataset="shapes10", subset=64,
+                      batch_size=8, max_steps=14, amp="off", progress=False, log_every=1, out=str(tmp_path / "r"),
+                      rule_options=rule_opts, encoder_options={"stem": "cifar"}, lr=1e-3, lr_schedule="cosine",
+                      warmup_steps=1, min_lr=1e-5)
+    train(cfg)
+    rows = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    lrs = [row["lr"] for row in rows]
+    per_stage = [lr_at(i, 1e-3, 4, "cosine", 1, 1e-5) for i in range(4)]  # ceil(14 / 4) = 4 steps per stage
+    assert lrs[:12] == pytest.approx(per_stage * 3)
+    assert per_stage[0] == 0 and per_stage[1] == pytest.approx(1e-3) and per_stage[3] < per_stage[2] < 1e-3
+    # The last stage's schedule spans what is left of the run (2 steps here).
+    assert lrs[12:] == pytest.approx([lr_at(i, 1e-3, 2, "cosine", 1, 1e-5) for i in range(2)])
+    assert PlainStep().lr_span(7, 13, 4) == (7, 13)
+    assert SequentialStep(4).lr_span(12, 13, 4) == (0, 1)
+    assert SequentialStep(3).lr_span(11, 13, 4) == (2, 4)
 
 
 def test_options_are_checked_and_listed():

@@ -66,6 +66,14 @@ class Step(ABC):
         ``.grad`` (gradient alignment and tests).
         """
 
+    def lr_span(self, index: int, total: int, num_groups: int) -> tuple[int, int]:
+        """Where step ``index`` of a ``total``-step run sits in the lr schedule: (position, length).
+
+        Default: one schedule over the whole run. A step that trains the groups
+        one after the other gives each its own (`SequentialStep`).
+        """
+        return index, total
+
 
 def train_step(
     encoder: BlockEncoder,
@@ -296,6 +304,20 @@ class SequentialStep(Step):
 
     def active(self, index: int, num_groups: int) -> int:
         return min(index // self.steps_per_group, num_groups - 1)
+
+    def lr_span(self, index: int, total: int, num_groups: int) -> tuple[int, int]:
+        """Each group's own warmup and schedule over its share of the run.
+
+        A group starts untrained when its turn comes: one cosine over the whole
+        run would give the first stage the high lr and the last stage only the
+        tail of the decay. Sequential blockwise SSL trains every stage as a run
+        of its own (Siddiqui et al. 2023, METHODS 5.1), so the schedule restarts
+        with each group; the last group's span runs to the end of the run.
+        """
+        k = self.active(index, num_groups)
+        start = k * self.steps_per_group
+        end = total if k == num_groups - 1 else min(total, start + self.steps_per_group)
+        return index - start, max(1, end - start)
 
     def __call__(self, encoder, rule, optimizer, views, index=0, *, device=None, amp_dtype=None) -> Losses:
         views = unpack(views, rule)

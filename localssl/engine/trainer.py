@@ -395,7 +395,8 @@ def _train(cfg: TrainConfig, resume: bool, out: Path) -> Path:
             epoch, i = divmod(step, batches.steps_per_epoch)
             x = batches.batch(epoch, i)
             views = augment.batch(x)
-            set_lr(optimizer, lr_at(step, cfg.lr, total, cfg.lr_schedule, cfg.warmup_steps, cfg.min_lr))
+            pos, span = step_fn.lr_span(step, total, len(rule.groups()))
+            set_lr(optimizer, lr_at(pos, cfg.lr, span, cfg.lr_schedule, cfg.warmup_steps, cfg.min_lr))
             try:
                 losses = step_fn(encoder, rule, optimizer, views, step, device=device, amp_dtype=amp_dtype)
             except NonFiniteLossError as e:
