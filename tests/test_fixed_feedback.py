@@ -196,3 +196,65 @@ def test_dfa_checkpoint_saves_b_and_loads_it_back(tmp_path, monkeypatch):
         assert torch.equal(t, drawn[n]), n
     assert all(not p.requires_grad for p in fresh.parameters())
 
+
+
+# ---------------------------------------------------------------- the commands take both rules
+
+
+def test_bench_measures_both_against_bp_clapp():
+    """`localssl bench --rules ff dfa bp-clapp++`: the twin is the registered counterpart; dfa's frozen B
+    costs memory but no gradient or optimizer state, and no backward FLOPs; ff has no rule tensors at all."""
+    from localssl.reports.bench import run_bench
+
+    res = run_bench(encoder="vgg6", widths=[1 / 16], image_sizes=[32], batch_size=2, steps=1, warmup=0, rounds=1,
+                    precisions=["fp32"], rules=["ff", "dfa", "bp-clapp++"], device="cpu", speed=False,
+                    compare_precision=False, breakdown=False, augment=False)
+    mem = res["memory"][0]["rules"]
+    assert mem["ff"]["bp_twin"] == mem["dfa"]["bp_twin"] == "bp-clapp++"
+    assert mem["ff"]["parameters"]["rule"]["numel"] == 0
+    dfa_rule = mem["dfa"]["parameters"]["rule"]
+    assert dfa_rule["numel"] > 0 and dfa_rule["trainable_numel"] == 0
+    assert dfa_rule["grads_bytes"] == dfa_rule["optimizer_bytes"] == 0
+    flops = res["flops"]["rules"]
+    assert flops["ff"]["rule_params_fwd"] == flops["ff"]["context_fwd"] == 0
+    assert flops["dfa"]["rule_params_fwd"] > 0 and flops["dfa"]["rule_params_bwd"] == 0
+    assert flops["dfa"]["context_fwd"] == flops["dfa"]["encoder_fwd"]  # the DFB context's extra forward
+
+
+def test_align_and_compare_take_both(tmp_path, capsys):
+    """`localssl align` on a dfa run (its frozen B from the checkpoint; nothing to fit) and on ff, then
+    `localssl compare --rules ff dfa`: one row each, read against bp-clapp++."""
+    import argparse
+    import csv
+    import json
+
+    from localssl.cli import main
+    from localssl.theory.align import add_align_parser, align_main
+
+    cfg = TrainConfig(rule="dfa", dataset="shapes10", width=1 / 16, subset=32, batch_size=8, max_steps=2,
+                      amp="off", progress=False, out=str(tmp_path / "dfa"), seed=0)
+    run = trainer_mod.train(cfg)
+    parser = argparse.ArgumentParser(prog="localssl")
+    add_align_parser(parser.add_subparsers(dest="command", required=True))
+    for extra in ([], ["--rule", "ff"]):
+        args = parser.parse_args(["align", str(run), "--batches", "1", "--batch-size", "8", "--fit-b", "2",
+                                  "--json", *extra])
+        assert align_main(args) == 0
+        res = json.loads(capsys.readouterr().out)
+        assert res["rule"] == (extra[1] if extra else "dfa") and res["b_fitted"] is False
+        assert "no trainable B" in res["fit_b"]["reason"]
+        assert res["b_source"] == ("fresh" if extra else "checkpoint")
+        assert abs(res["layers"][-1]["cosine_mean"] - 1) < 1e-6  # the top block: the same loss both ways
+        assert len(res["layers"]) == 6
+
+    out = tmp_path / "cmp"
+    assert main(["compare", "--rules", "ff", "dfa", "--width", "0.0625", "--dataset", "shapes10", "--subset", "32",
+                 "--budget", "2", "--batch-size", "8", "--amp", "off", "--probe-epochs", "1",
+                 "--probe-train-subset", "40", "--probe-test-subset", "40", "--measure-steps", "1",
+                 "--measure-warmup", "0", "--measure-rounds", "1", "--out", str(out)]) == 0
+    with open(out / "compare.csv", newline="") as fh:
+        rows = {r["rule"]: r for r in csv.DictReader(fh)}
+    assert set(rows) == {"ff", "dfa", "random-init"}
+    assert rows["ff"]["steps"] == rows["dfa"]["steps"] == "2" and rows["ff"]["local"] == "true"
+    assert float(rows["dfa"]["peak_activation_vs_bp"]) > 0
+    assert "vs bp-clapp++" in (out / "compare.md").read_text()
