@@ -152,6 +152,8 @@ def test_dfa_feedback_stays_bit_identical_through_training_steps(optimizer, trai
     before = {n: p.detach().clone() for n, p in rule.named_parameters()}
     enc0 = {n: p.detach().clone() for n, p in enc.named_parameters()}
     top_b = rule.top[-1].weight
+    owned = [rule.group_parameters(g) for g in range(6)]
+    assert owned == [[]] * 5 + [[top_b] if train_top else []]  # the top group owns the top B, if anyone
     opt = build_optimizer(enc, rule, lr=1e-2, weight_decay=0.1, optimizer=optimizer)
     held = {id(p) for grp in opt.param_groups for p in grp["params"]}
     assert {id(p) for p in rule.parameters()} & held == ({id(top_b)} if train_top else set())

@@ -149,8 +149,9 @@ class DirectFeedbackAlignment(CLAPPPlusPlus):
     configuration (fb_idx = top layer for every layer) with ``freeze_fb``,
     which freezes every B but the top layer's own (theory/models.py:
     ``Wproj[:-1]``): that is this rule with ``train_top=True``. The vision
-    code's ``--freeze_W_pred`` freezes every B (``--unfreeze_last_W_pred``
-    the top one): our default.
+    code's ``--freeze_W_pred`` alone freezes every B, our default
+    (``--unfreeze_last_W_pred`` frees the top one); no released script uses
+    either, and METHODS 4's table of published figures has no row for it.
     """
 
     options: DFAOptions
