@@ -12,7 +12,8 @@ from localssl.models import BlockEncoder, build_encoder
 from localssl.rules import RULES, build_rule
 from localssl.theory.align import add_align_parser, align_main, fit_b, gradient_alignment, layer_gradients
 
-LOCAL_RULES = [n for n in RULES.names() if n.startswith("clapp++")]
+# The CLAPP++ family and the rules on its machinery whose B is not learnt (ff: identity, dfa: fixed random).
+LOCAL_RULES = [n for n in RULES.names() if n.startswith("clapp++")] + ["ff", "dfa"]
 
 
 # VGG-6 at 1/16 width on 16 px inputs (maps 16, 8, 8, 4, 2, 1): small enough for a shared CPU.

@@ -6,11 +6,12 @@ registers itself next to its code; the trainer never sees rule names.
 """
 from __future__ import annotations
 
-from localssl.rules import blockwise, bp, clapp  # noqa: F401  (registers the rules)
+from localssl.rules import blockwise, bp, clapp, fixed_feedback  # noqa: F401  (registers the rules)
 from localssl.rules.base import FEEDBACK_KINDS, Group, Rule, RuleOptions, check_groups
 from localssl.rules.blockwise import Blockwise, Head, inject_noise
 from localssl.rules.bp import BPInfoNCE, InfoNCEOptions
 from localssl.rules.clapp import BPCLAPPPlusPlus, CLAPPPlusPlus, ContrastiveOptions, Feedback
+from localssl.rules.fixed_feedback import DFAOptions, DirectFeedbackAlignment, FFOptions, ForwardForward
 from localssl.rules.losses import (
     CONTRASTIVE_F,
     INFONCE_LOSSES,
@@ -31,6 +32,7 @@ __all__ = [
     "rule_options", "resolve_rule_options", "bp_counterpart",
     "Blockwise", "Head", "inject_noise",
     "CLAPPPlusPlus", "BPCLAPPPlusPlus", "ContrastiveOptions", "BPInfoNCE", "InfoNCEOptions", "Feedback",
+    "ForwardForward", "FFOptions", "DirectFeedbackAlignment", "DFAOptions",
     "CONTRASTIVE_F", "contrastive_loss", "info_nce", "info_nce_symmetric", "nt_xent", "barlow_twins", "vicreg",
     "INFONCE_LOSSES", "scores", "spatial_pool", "swap_views",
 ]

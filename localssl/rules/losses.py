@@ -69,9 +69,16 @@ def scores(z: torch.Tensor, bc: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     return u_pos, u_neg
 
 
-def contrastive_loss(z: torch.Tensor, bc: torch.Tensor, f: str = "hinge") -> torch.Tensor:
-    """Mean over the batch of f(u_pos, u_neg) (METHODS 2, L^l)."""
+def contrastive_loss(z: torch.Tensor, bc: torch.Tensor, f: str = "hinge", threshold: float = 0.0) -> torch.Tensor:
+    """Mean over the batch of f(u_pos - threshold, u_neg - threshold) (METHODS 2, L^l).
+
+    ``threshold`` 0 is the unified loss; a threshold shifts both scores, as
+    Forward-Forward's goodness threshold does (Hinton 2022), for a rule with
+    B = identity, whose scores nothing else rescales (`localssl.rules.fixed_feedback`).
+    """
     u_pos, u_neg = scores(z, bc)
+    if threshold:
+        u_pos, u_neg = u_pos - threshold, u_neg - threshold
     return CONTRASTIVE_F.get(f)(u_pos, u_neg).mean()
 
 
