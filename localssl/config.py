@@ -416,8 +416,9 @@ def validate_train(cfg: TrainConfig) -> None:
         if name not in reg:
             raise ConfigError(f"unknown {kind} {name!r}; valid: {', '.join(reg.names())}")
     encoder_options(cfg.encoder, cfg.encoder_options)  # unknown keys list the valid ones
-    try:  # unknown keys list the valid ones; values checked
-        rule_options(cfg.rule, cfg.rule_options).check_training()
+    opts = rule_options(cfg.rule, cfg.rule_options)  # unknown keys list the valid ones; values checked
+    try:
+        opts.check_training()
     except ValueError as e:
         raise ConfigError(f"rule_options of {cfg.rule}: {e}") from None
     if cfg.amp not in AMP_MODES:

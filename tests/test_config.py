@@ -174,3 +174,11 @@ def test_nan_from_the_command_line_is_refused_without_lr_advice(tmp_path, capsys
     err = capsys.readouterr().err
     assert rc == 2 and "temperature must be a finite number" in err and "--lr" not in err
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("options", [{"f": "relu"}, {"f": "linear"}])
+def test_a_bad_rule_option_is_named_once(options):
+    # A checked value (f=relu) and a trainable-only check (linear f without b_l2) both say whose option it is, once.
+    with pytest.raises(ConfigError) as e:
+        validate_train(TrainConfig(rule_options=options))
+    assert str(e.value).count("rule_options of clapp++") == 1, str(e.value)
