@@ -42,6 +42,7 @@ from torch import nn
 
 from localssl.builder import options_for
 from localssl.data.augment import ViewBatch, ViewLayout
+from localssl.data.pairs import pair_rows
 from localssl.engine.optim import LARS
 from localssl.engine.step import unpack
 from localssl.engine.trainer import NonFiniteLossError, build_optimizer, train_step
@@ -120,13 +121,21 @@ ROW_WISE_CASES = ["vgg", "tail"]
 def make_views(in_shape, seed: int = 0, n: int = N_IMAGES, dtype=torch.float32,
                layout: ViewLayout = ViewLayout()) -> torch.Tensor | ViewBatch:
     """``layout.n`` noisy views of the same n random images, stacked [view 1; view 2; ...] along the rows
-    (a plain tensor for the default two-row layout) or the channels (a `ViewBatch`), as the rule reads them."""
+    (a plain tensor for the default two-row layout) or the channels (a `ViewBatch`), or as SCFF's
+    [positive pairs; negative pairs] rows (`localssl.data.pairs.pair_rows`), as the rule reads them."""
     g = torch.Generator().manual_seed(1000 + seed)
     base = torch.randn(n, *in_shape, generator=g, dtype=dtype)
     views = [base + 0.3 * torch.randn(base.shape, generator=g, dtype=dtype) for _ in range(layout.n)]
     if layout == ViewLayout():
         return torch.cat(views)
+    if layout.stacking == "pairs":
+        return ViewBatch(pair_rows(views[0], views[1], shift=1), layout)
     return ViewBatch(torch.cat(views, dim=0 if layout.stacking == "rows" else 1), layout)
+
+
+def as_double(views: torch.Tensor | ViewBatch) -> torch.Tensor | ViewBatch:
+    """The batch in float64, in its layout."""
+    return ViewBatch(views.x.double(), views.layout) if isinstance(views, ViewBatch) else views.double()
 
 
 def setup(rule_name: str, case: str = "vgg", seed: int = 0, **opts):
@@ -278,8 +287,9 @@ def test_routing_probe_sees_a_missing_detach():
 def test_detached_input_reaches_no_previous_block(name):
     """Group k run on the detached output of the block below it: that block gets no gradient, the group's do."""
     enc, rule, views = setup(name, "vgg")
-    top = enc(views)[-1].detach() if rule.needs_top_context else None
-    outs = enc(views)
+    x = unpack(views, rule)
+    top = enc(x)[-1].detach() if rule.needs_top_context else None
+    outs = enc(x)
     for k, group in enumerate(rule.groups()):
         if group.input < 0:
             continue
@@ -323,7 +333,7 @@ def test_block_by_block_adamw_equals_one_adamw_on_summed_loss(name):
     same sum: equal to float64 rounding, which the tolerance allows for.
     """
     enc, rule, views = setup(name, "tail", b_l2=1e-3)
-    enc, rule, views = enc.double(), rule.double(), views.double()
+    enc, rule, views = enc.double(), rule.double(), as_double(views)
     enc_b, rule_b = copy.deepcopy(enc), copy.deepcopy(rule)
     opt = build_optimizer(enc, rule, lr=1e-2, weight_decay=1e-2)
     named_b = named_trainable(enc_b, rule_b)
@@ -365,8 +375,8 @@ def test_one_step_at_the_end_equals_a_step_after_every_group(name, optimizer):
         top = None
         if rule_b.needs_top_context:
             with torch.no_grad():
-                top = enc_b.run_blocks(views, range(len(enc_b)))
-        h = views
+                top = enc_b.run_blocks(unpack(views, rule_b), range(len(enc_b)))
+        h = unpack(views, rule_b)
         for g, group in enumerate(rule_b.groups()):
             per_group[g].zero_grad(set_to_none=True)
             out = enc_b.run_blocks(h.detach(), group.blocks)
@@ -389,7 +399,7 @@ def test_bp_is_one_group_with_nothing_detached(name, case):
     train_step(enc, rule, None, views)
     a = {n: p.grad.clone() for n, p in named.items()}
     zero_grads(named)
-    rule.loss(0, enc(views)[-1]).backward()
+    rule.loss(0, enc(unpack(views, rule))[-1]).backward()
     for n, p in named.items():
         torch.testing.assert_close(a[n], p.grad, rtol=1e-5, atol=1e-7, msg=n)
 
@@ -407,7 +417,7 @@ def test_top_context_is_the_no_grad_top_output(name, monkeypatch):
 
     monkeypatch.setattr(rule, "loss", spy)
     train_step(enc, rule, None, views)
-    want = enc(views)[-1].detach()
+    want = enc(unpack(views, rule))[-1].detach()
     assert len(seen) == len(enc)
     for top in seen:
         assert top is not None and not top.requires_grad
@@ -427,7 +437,7 @@ def test_micro_batched_step_gives_the_plain_gradients(name, case, micro_batch):
     so no chunk holds a positive pair) of the 8 views.
     """
     enc, rule, views = setup(name, case)
-    enc, rule, views = enc.double(), rule.double(), views.double()
+    enc, rule, views = enc.double(), rule.double(), as_double(views)
     named = named_trainable(enc, rule)
     zero_grads(named)
     plain = torch.stack(train_step(enc, rule, None, views))
@@ -446,7 +456,7 @@ def test_micro_batched_step_gives_the_plain_gradients(name, case, micro_batch):
 def test_micro_batched_adamw_steps_match_the_plain_ones(name):
     """Three AdamW steps, plain vs micro-batched: the optimizer steps on the same gradients."""
     enc, rule, views = setup(name, "vgg")
-    enc, rule, views = enc.double(), rule.double(), views.double()
+    enc, rule, views = enc.double(), rule.double(), as_double(views)
     enc_b, rule_b = copy.deepcopy(enc), copy.deepcopy(rule)
     opt, opt_b = build_optimizer(enc, rule, 1e-2, 1e-2), build_optimizer(enc_b, rule_b, 1e-2, 1e-2)
     for _ in range(3):

@@ -17,14 +17,16 @@ from torch import nn
 
 from localssl.registry import Registry
 
-STACKINGS = ("rows", "channels")
+STACKINGS = ("rows", "channels", "pairs")
 
 
 @dataclass(frozen=True)
 class ViewLayout:
     """How a batch holds its views: ``n`` views of each of B images, stacked along the rows
     (``[view 1; view 2]``, (nB, C, H, W): SimCLR and every rule here) or the channels
-    ((B, nC, H, W): SCFF's concatenated views, METHODS 5.3)."""
+    ((B, nC, H, W): concatenated views), or as ``pairs`` ((2B, C, H, W): rows [positive pairs; negative
+    pairs], each row the mean of its pair's two halves: SCFF's shared first layer on the concatenation,
+    `localssl.data.pairs`, METHODS 5.3)."""
 
     n: int = 2
     stacking: str = "rows"
@@ -43,7 +45,9 @@ class ViewBatch:
 
     @property
     def images(self) -> int:
-        return self.x.shape[0] // self.layout.n if self.layout.stacking == "rows" else self.x.shape[0]
+        if self.layout.stacking == "channels":
+            return self.x.shape[0]
+        return self.x.shape[0] // self.layout.n
 
 
 #: View makers by name: a rule names the one it needs (`Rule.view_maker`); `localssl.builder.build_views`
