@@ -26,7 +26,7 @@ from localssl.config import ConfigError, ProbeConfig, TrainConfig, from_dict, lo
 
 _HELP = {
     "rule": "learning rule (see `localssl rules`)",
-    "encoder": "encoder name (vgg6, vgg8, resnet18, resnet50)",
+    "encoder": "encoder name (vgg6, vgg8, resnet18, resnet50, scff-cifar)",
     "width": "channel width multiplier (1.0 = the paper's VGG-6; 0.25 for CPU runs)",
     "encoder_options": "the encoder's own options as KEY=VALUE, repeatable, over the config file's (resnet*: "
     "stem=auto|cifar|imagenet, cut=stages|units, zero_init=true|false)",

@@ -93,7 +93,7 @@ class _SCFFPairs(nn.Module):
         return ViewBatch(self(x), self.layout)
 
 
-@VIEW_MAKERS.register("scff-same")
+@VIEW_MAKERS.register("pairs-same")
 class SCFFSamePairs(_SCFFPairs):
     """SCFF's CIFAR-10 recipe: a positive is one image concatenated with itself.
 
@@ -114,7 +114,7 @@ class SCFFSamePairs(_SCFFPairs):
         return v, v
 
 
-@VIEW_MAKERS.register("scff")
+@VIEW_MAKERS.register("pairs-views")
 class SCFFViewPairs(_SCFFPairs):
     """A positive is two augmented views of one image (METHODS 5.3; the reference's ``augment="dual"``).
 

@@ -1,4 +1,5 @@
 """Encoders cut into blocks, by name (``ENCODERS``): VGG-6/8 (`vgg`), ResNet-18/50 (`resnet`), SCFF's CNN (`scff`)."""
+from localssl.models import scff  # noqa: F401  (registers scff-cifar)
 from localssl.models.blocks import BlockEncoder, scale_channels, split_into_blocks
 from localssl.models.preprocessing import Preprocessing
 from localssl.models.registry import (
@@ -10,7 +11,6 @@ from localssl.models.registry import (
     register_encoder,
     resolve_encoder_options,
 )
-from localssl.models import scff  # noqa: F401  (registers scff-cifar)
 from localssl.models.resnet import ResNetOptions
 from localssl.models.vgg import DEFAULT_GRIDS, default_grids, fit_grid, grid_choices
 

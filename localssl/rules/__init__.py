@@ -25,8 +25,8 @@ from localssl.rules.losses import (
     swap_views,
     vicreg,
 )
-from localssl.rules.scff import SCFF, SCFFOptions
 from localssl.rules.registry import RULES, bp_counterpart, build_rule, register_rule, resolve_rule_options, rule_options
+from localssl.rules.scff import SCFF, SCFFOptions
 
 __all__ = [
     "RULES", "FEEDBACK_KINDS", "Group", "Rule", "RuleOptions", "build_rule", "check_groups", "register_rule",

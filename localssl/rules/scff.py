@@ -36,7 +36,7 @@ from localssl.rules.goodness import goodness, scff_loss
 from localssl.rules.registry import register_rule
 
 #: Rule option ``positive`` -> the view maker that builds the pairs (`localssl.data.pairs`).
-POSITIVES = {"same": "scff-same", "views": "scff"}
+POSITIVES = {"same": "pairs-same", "views": "pairs-views"}
 
 
 @dataclass
