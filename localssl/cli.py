@@ -29,7 +29,7 @@ _HELP = {
     "encoder": "encoder name (vgg6, vgg8, resnet18, resnet50, scff-cifar)",
     "width": "channel width multiplier (1.0 = the paper's VGG-6; 0.25 for CPU runs)",
     "encoder_options": "the encoder's own options as KEY=VALUE, repeatable, over the config file's (resnet*: "
-    "stem=auto|cifar|imagenet, cut=stages|units, zero_init=true|false)",
+    "stem=auto|cifar|imagenet, cut=stages|units, zero_init=true|false; scff-cifar: first_norm=true|false)",
     "rule_options": "the rule's own options as KEY=VALUE, repeatable, over the config file's (each rule's "
     "options and defaults: `localssl rules`)",
     "dataset": "data set name (shapes10 is embedded and needs no download)",

@@ -14,12 +14,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from localssl.builder import build_views
+from localssl.builder import build_step, build_views
 from localssl.cli import main
 from localssl.config import ConfigError, TrainConfig
 from localssl.data.augment import VIEW_MAKERS, ViewLayout
 from localssl.data.pairs import PAIRS_LAYOUT, draw_shift, negative_partners, pair_rows
-from localssl.engine.step import train_step, unpack
+from localssl.engine.step import SequentialStep, train_step, unpack
 from localssl.models import build_encoder, default_grids
 from localssl.models.scff import StandardNorm, Triangle
 from localssl.rules import build_rule
@@ -83,6 +83,7 @@ def test_the_rule_takes_each_blocks_thresholds_on_its_positive_and_negative_rows
 def test_options_are_checked_with_one_line_naming_them():
     shapes = [(4, 2, 2)]
     for opts, msg in [({"positive": "twins"}, "unknown positive 'twins'; valid: same, views"),
+                      ({"schedule": "greedy"}, "unknown schedule 'greedy'; valid: simultaneous, sequential"),
                       ({"theta_pos": []}, "theta_pos needs at least one value"),
                       ({"lamda": [-1.0]}, "lamda must be >= 0"),
                       ({"theta_neg": [float("nan")]}, "theta_neg must be a finite number")]:
@@ -91,6 +92,19 @@ def test_options_are_checked_with_one_line_naming_them():
     assert build_rule("scff", shapes).view_maker == "pairs-same"
     assert build_rule("scff", shapes, {"positive": "views"}).view_maker == "pairs-views"
     assert build_rule("scff", shapes).layout == PAIRS_LAYOUT == ViewLayout(2, "pairs")
+
+
+def test_sequential_schedule_trains_layer_after_layer_as_the_reference(tmp_path):
+    shapes = [(4, 2, 2)] * 3
+    assert build_rule("scff", shapes).schedule == "simultaneous"
+    step = build_step(TrainConfig(rule="scff"), build_rule("scff", shapes, {"schedule": "sequential"}), 6)
+    assert isinstance(step, SequentialStep) and step.steps_per_group == 2
+    out = tmp_path / "seq"
+    assert main(["train", "--rule", "scff", "--encoder", "scff-cifar", "--width", "0.0625", "--dataset", "shapes10",
+                 "--subset", "32", "--batch-size", "8", "--max-steps", "6", "--amp", "off", "--no-progress",
+                 "--log-every", "1", "--out", str(out), "--rule-opt", "schedule=sequential"]) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [[k for k in (1, 2, 3) if row[f"loss_{k}"] is not None] for row in rows] == [[1], [1], [2], [2], [3], [3]]
 
 
 # ------------------------------------------------------------------ the pairs
@@ -218,6 +232,28 @@ def test_one_conv_on_the_halves_mean_is_the_shared_conv_on_the_concatenation(enc
     concat = torch.cat([torch.cat([first, second], 1), torch.cat([first, second[partner]], 1)])  # 2C channels
     torch.testing.assert_close(conv(pair_rows(first, second, shift)), SharedHalvesConv(shared)(concat),
                                rtol=0, atol=1e-12)
+
+
+def test_without_first_norm_the_whole_first_layer_is_the_shared_layer_on_the_padded_concatenation():
+    """``first_norm=false``: reflect padding is per channel, so it commutes with the halves' mean, and
+    block 1 up to its conv is the reference's pad + shared conv on the concatenation, negatives included
+    (they keep the lower energy of a mixture, which the standardisation would rescale)."""
+    torch.manual_seed(0)
+    enc = build_encoder("scff-cifar", width=1 / 16, options={"first_norm": False}).double()
+    assert isinstance(enc.blocks[0][1], nn.Identity) and isinstance(enc.blocks[1][1], StandardNorm)
+    conv = enc.blocks[0][2]
+    shared = nn.Conv2d(3, conv.out_channels, 5).double()
+    with torch.no_grad():
+        shared.weight.copy_(conv.weight / 2)
+        shared.bias.copy_(conv.bias / 2)
+    g = torch.Generator().manual_seed(2)
+    first, second = (torch.randn(4, 3, 16, 16, generator=g, dtype=torch.float64) for _ in range(2))
+    partner = negative_partners(4, 1)
+    concat = torch.cat([torch.cat([first, second], 1), torch.cat([first, second[partner]], 1)])
+    torch.testing.assert_close(enc.blocks[0][:3](pair_rows(first, second, 1)),
+                               SharedHalvesConv(shared)(nn.ReflectionPad2d(2)(concat)), rtol=0, atol=1e-12)
+    with pytest.raises(ConfigError, match="unknown SCFFEncoderOptions key"):
+        build_encoder("scff-cifar", options={"norm": False})
 
 
 def test_a_single_image_is_encoded_as_its_self_concatenation():

@@ -22,20 +22,34 @@ layer on its own, as SCFF does. The first layer takes the mean of SCFF's two
 input halves (`localssl.data.pairs`: W*x1 + b + W*x2 + b = 2W*mean + 2b):
 its weights start at twice the reference's Xavier draw and its bias at
 twice torch's default, so that at initialisation it computes what the
-reference's shared conv computes on the concatenation. The reference also
-standardises every layer's input once more before pairing it
-(``stdnorm(x, dims_in)`` in its training loop); the in-block standardisation
-after padding is kept, that one is left out (it changes only the few padded
-border values' share of the statistics).
+reference's shared conv computes on the concatenation.
+
+The standardisation of the first layer's input (option ``first_norm``). The
+reference standardises each half on its own (``stdnorm(x, dims_in)`` before
+``get_pos_neg_batch_imgcats``) and then the padded concatenation jointly (in
+``Conv2d.forward``), which on two standardised halves changes little. Here
+the first block standardises the halves' mean, which is the same for a
+single image and for a positive of one image with itself (both are the
+image), but rescales a negative, the mean of two images, to unit variance:
+in the reference that mixture keeps its lower energy, (1 + rho) / 2 of a
+positive's for images correlated by rho. ``first_norm=false`` drops the
+first block's standardisation: every input then keeps its energy as the
+data's normalisation leaves it (dataset mean and std), the cost being that
+images are not contrast-normalised one by one before layer 1. Layers 2 and 3
+standardise their input in either case (the reference's in-layer
+``standardnorm``; its second ``stdnorm`` before pairing is left out, it
+only changes how the few padded border values weigh in the statistics).
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from localssl.models.blocks import BlockEncoder, scale_channels
-from localssl.models.registry import register_encoder
+from localssl.models.registry import EncoderOptions, register_encoder
 from localssl.models.vgg import DEFAULT_GRIDS
 
 #: (channels, kernel, reflect padding, activation, pool) per layer (reference ``config.json``, CIFAR).
@@ -47,6 +61,18 @@ SCFF_CIFAR: list[tuple[int, int, int, str, str]] = [
 
 # The reference probe's grids: its extra 2x2 average pool on the 16, 8, 4 px layer outputs (32 px input).
 DEFAULT_GRIDS["scff-cifar"] = [8, 4, 2]
+
+
+@dataclass
+class SCFFEncoderOptions(EncoderOptions):
+    """Options of ``scff-cifar`` (``--encoder-opt first_norm=false``).
+
+    first_norm: standardise the first block's input per sample (the
+        reference's in-layer ``standardnorm``; see the module docstring for
+        what it does to a negative's energy here). Layers 2 and 3 always do.
+    """
+
+    first_norm: bool = True
 
 
 class StandardNorm(nn.Module):
@@ -74,16 +100,17 @@ def _conv(c_in: int, c_out: int, k: int, scale: float) -> nn.Conv2d:
     return conv
 
 
-@register_encoder("scff-cifar")
-def scff_cifar(width: float = 1.0, in_channels: int = 3) -> BlockEncoder:
+@register_encoder("scff-cifar", options=SCFFEncoderOptions)
+def scff_cifar(width: float = 1.0, in_channels: int = 3, options: SCFFEncoderOptions | None = None) -> BlockEncoder:
     """SCFF's CIFAR-10 CNN (96-384-1536 channels, kernels 5-3-3, triangle on layers 1-2), scaled by ``width``."""
+    options = options or SCFFEncoderOptions()
     blocks = []
     c_in = in_channels
     for k, (c, kernel, pad, act, pool) in enumerate(SCFF_CIFAR):
         c_out = scale_channels(c, width)
         layers: list[nn.Module] = [
             nn.ReflectionPad2d(pad),
-            StandardNorm(),
+            StandardNorm() if k > 0 or options.first_norm else nn.Identity(),
             # Layer 1 reads the mean of two halves that the reference convolves one by one and sums: 2W, 2b.
             _conv(c_in, c_out, kernel, scale=2.0 if k == 0 else 1.0),
             Triangle() if act == "triangle" else nn.ReLU(),
@@ -95,4 +122,4 @@ def scff_cifar(width: float = 1.0, in_channels: int = 3) -> BlockEncoder:
     return BlockEncoder(blocks, name="scff-cifar")
 
 
-__all__ = ["SCFF_CIFAR", "StandardNorm", "Triangle", "scff_cifar"]
+__all__ = ["SCFF_CIFAR", "SCFFEncoderOptions", "StandardNorm", "Triangle", "scff_cifar"]

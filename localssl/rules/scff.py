@@ -19,9 +19,11 @@ contrastive-forward-forward), said once here:
   positive and the negative rows, as the reference trains its layer 2
   (``concat`` off at ``--NL 2``); its layer 3 (``concat`` on at ``--NL 3``)
   instead pairs layer 2's outputs for the positives anew;
-- all blocks train together from the start (``schedule: simultaneous``); the
-  reference trains layer after layer (6, 4, 21 epochs), as
-  ``schedule`` = sequential would (not offered here).
+- by default all blocks train together from the start (``schedule:
+  simultaneous``, as every local rule here, for comparisons at one budget);
+  the reference trains layer after layer (6, 4, 21 epochs on CIFAR-10),
+  which ``schedule: sequential`` does with an equal share of the steps per
+  block (`localssl.engine.step.SequentialStep`).
 """
 from __future__ import annotations
 
@@ -35,6 +37,7 @@ from localssl.rules.base import Rule, RuleOptions
 from localssl.rules.goodness import goodness, scff_loss
 from localssl.rules.registry import register_rule
 
+SCHEDULES = ("simultaneous", "sequential")
 #: Rule option ``positive`` -> the view maker that builds the pairs (`localssl.data.pairs`).
 POSITIVES = {"same": "pairs-same", "views": "pairs-views"}
 
@@ -51,16 +54,21 @@ class SCFFOptions(RuleOptions):
        goodness; blocks past a list's end take its last value. Defaults: the
        reference's CIFAR-10 values for its three layers (``config.json``:
        ``th1``, ``th2``, ``lamda``).
+    schedule: ``simultaneous`` (every block every step) or ``sequential``
+       (block after block, the reference's way).
     """
 
     positive: str = "same"
     theta_pos: list[float] = field(default_factory=lambda: [0.0, 5.0, 6.0])
     theta_neg: list[float] = field(default_factory=lambda: [1.0, 9.0, 10.0])
     lamda: list[float] = field(default_factory=lambda: [0.0012, 0.0007, 0.0005])
+    schedule: str = "simultaneous"
 
     def check(self) -> None:
         if self.positive not in POSITIVES:
             raise ValueError(f"unknown positive {self.positive!r}; valid: {', '.join(POSITIVES)}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"unknown schedule {self.schedule!r}; valid: {', '.join(SCHEDULES)}")
         for key in ("theta_pos", "theta_neg", "lamda"):
             if not getattr(self, key):
                 raise ValueError(f"{key} needs at least one value (one per block; the last repeats)")
@@ -85,6 +93,7 @@ class SCFF(Rule):
         super().__init__(feature_shapes, options or SCFFOptions(), grids)
         self.options.check()
         self.view_maker = POSITIVES[self.options.positive]
+        self.schedule = self.options.schedule
         n = self.num_blocks
         self.theta_pos = self.options.per_block("theta_pos", n)
         self.theta_neg = self.options.per_block("theta_neg", n)
