@@ -342,3 +342,24 @@ def test_train_and_probe_from_the_command_line(tmp_path, encoder, width):
     result = json.loads((out / "probe.json").read_text())
     assert result["rule"] == "scff" and result["encoder"] == encoder
     assert 0.0 <= result["fast_all"]["test_acc"] <= 1.0
+
+
+# ------------------------------------------------------------- bench / compare
+
+
+def test_bench_views_reach_every_layout_and_scff_steps_on_them():
+    """The bench (and so `localssl compare`'s speed and memory) steps every rule on the same random rows:
+    unchanged for the two-row layout, view 2 beside view 1 for channels, read as pair rows for SCFF."""
+    from localssl.reports.bench.common import build_state, in_layout, random_views
+
+    v = random_views(3, 8, torch.device("cpu"), channels_last=False, seed=0)
+    assert in_layout(v, ViewLayout()) is v
+    ch = in_layout(v, ViewLayout(2, "channels"))
+    assert ch.x.shape == (3, 6, 8, 8) and torch.equal(ch.x[:, 3:], v[3:]) and ch.images == 3
+    pairs = in_layout(v, PAIRS_LAYOUT)
+    assert pairs.x is v and pairs.layout == PAIRS_LAYOUT and pairs.images == 3
+    with pytest.raises(ValueError, match="two views per image"):
+        in_layout(v, ViewLayout(3, "rows"))
+    state = build_state("scff", "scff-cifar", 1 / 16, 16, torch.device("cpu"), None, False, seed=0)
+    losses = state.step(random_views(4, 16, torch.device("cpu"), channels_last=False, seed=0))
+    assert len(losses) == 3 and all(torch.isfinite(x) for x in losses)

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from localssl.config import TrainConfig
+from localssl.data.augment import ViewBatch, ViewLayout
 from localssl.models import BlockEncoder
 from localssl.rules import Rule
 
@@ -51,10 +52,12 @@ class BenchState:
     micro_batch: int | None = None
 
     def step(self, views: torch.Tensor, with_optimizer: bool = True) -> list[torch.Tensor]:
+        """One step on the bench's two-view rows, handed to the rule in the layout it reads (`in_layout`)."""
         from localssl.engine.step import train_step
 
-        return train_step(self.encoder, self.rule, self.optimizer if with_optimizer else None, views,
-                          device=self.device, amp_dtype=self.amp_dtype, micro_batch=self.micro_batch)
+        return train_step(self.encoder, self.rule, self.optimizer if with_optimizer else None,
+                          in_layout(views, self.rule.layout), device=self.device, amp_dtype=self.amp_dtype,
+                          micro_batch=self.micro_batch)
 
     def trainable_numel(self) -> int:
         return sum(p.numel() for g in self.optimizer.param_groups for p in g["params"])
@@ -147,6 +150,19 @@ def random_views(batch_size: int, image_size: int, device: torch.device, channel
     g = torch.Generator().manual_seed(seed)
     v = torch.randn(2 * batch_size, 3, image_size, image_size, generator=g).to(device)
     return v.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def in_layout(views: torch.Tensor, layout: ViewLayout) -> torch.Tensor | ViewBatch:
+    """The bench's (2B, C, H, W) rows (`random_views`) as a batch in ``layout``: every rule steps on the same
+    numbers. Rows: as they are; channels: view 2 beside view 1, (B, 2C, H, W); pairs: the 2B rows are read as B
+    positive and B negative pair rows, each of C channels (`localssl.data.pairs`), the same shape."""
+    if layout == ViewLayout():
+        return views
+    if layout.n != 2:
+        raise ValueError(f"the bench makes two views per image; a rule reading {layout} needs its own bench views")
+    if layout.stacking == "channels":
+        return ViewBatch(torch.cat(views.chunk(2), dim=1), layout)
+    return ViewBatch(views, layout)
 
 
 def sync(device: torch.device) -> None:
