@@ -16,11 +16,13 @@ two halves. So the view maker hands the encoder that mean, and every encoder
 the sum, because of what one image is: the reference encodes a single image
 for its linear probe as the image concatenated with itself (``train_readout``
 / ``test_readout``: ``torch.cat((x, x), dim=1)``), whose mean is the image
-itself. So the probes, which feed one normalised image, give the encoder
-exactly what SCFF's probe gives its network, with no SCFF-specific code.
+itself. So the probes, which feed one normalised image, give an encoder
+with first-layer weights W', b' what SCFF's probe gives a network with shared
+weights W = W'/2, b = b'/2 (`localssl.models.scff` starts W' at twice the
+reference's draw), with no SCFF-specific code in the probes.
 
 The batch (layout ``ViewLayout(2, "pairs")``) is (2B, C, H, W): rows 0..B-1
-the positive pairs (image i with itself), rows B..2B-1 the negative pairs.
+the positive pairs (image i's two halves), rows B..2B-1 the negative pairs.
 Negative i pairs image i's first half with image (i + s) mod B's second
 half, for one shift s drawn uniformly from 1..B-1 per batch (reference,
 ``get_pos_neg_batch_imgcats`` with p = 1: ``(randperm(B - 1) + 1)[:1]``), so a

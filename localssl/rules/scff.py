@@ -23,7 +23,16 @@ contrastive-forward-forward), said once here:
   simultaneous``, as every local rule here, for comparisons at one budget);
   the reference trains layer after layer (6, 4, 21 epochs on CIFAR-10),
   which ``schedule: sequential`` does with an equal share of the steps per
-  block (`localssl.engine.step.SequentialStep`).
+  block (`localssl.engine.step.SequentialStep`);
+- on ``scff-cifar`` the first block standardises the halves' mean, which
+  rescales a negative to unit variance where the reference keeps its lower
+  energy (``--encoder-opt first_norm=false`` keeps it; `localssl.models.scff`);
+- the thresholds of blocks past the reference's three (VGG-6 has six) repeat
+  its last ones: ours, not the paper's;
+- the probes are localssl's own, the same for every rule; the reference's
+  readout standardises each image's features (``stdnorm_out``) and trains a
+  linear layer with dropout on all three layers' 2 x 2-pooled outputs (the
+  ``all`` features here, grids 8-4-2 at 32 px).
 """
 from __future__ import annotations
 
