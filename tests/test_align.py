@@ -231,3 +231,14 @@ def test_align_refuses_a_bp_run(tmp_path):
     run = _tiny_run(tmp_path, "bp-clapp++")
     with pytest.raises(ConfigError, match=r"end-to-end \(BP\).*--rule"):
         align_main(_parse([str(run), "--batches", "1", "--batch-size", "8"]))
+
+
+@pytest.mark.usefixtures("_cache")
+def test_align_builds_the_views_of_the_rule_it_analyses(tmp_path, capsys):
+    # scff reads positive and negative pairs (its own layout), not SimCLR's stacked views: align must draw those.
+    run = _tiny_run(tmp_path, "scff")
+    args = _parse([str(run), "--batches", "1", "--batch-size", "8", "--json"])
+    assert align_main(args) == 0
+    saved = json.loads(capsys.readouterr().out)
+    assert saved["rule"] == "scff" and saved["images_per_batch"] == 8 and len(saved["layers"]) == 6
+    assert abs(saved["layers"][-1]["cosine_mean"] - 1) < 1e-6  # the top group's local gradient is BP's

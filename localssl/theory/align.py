@@ -45,6 +45,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from localssl.data.augment import ViewBatch
 from localssl.engine.runtime import autocast
 from localssl.rules import Rule
 from localssl.theory.metrics import cosine
@@ -128,10 +129,11 @@ def layer_gradients(
     top loss of both passes and every group's local loss. The encoder's and
     the rule's ``.grad`` are left cleared.
     """
-    from localssl.engine.step import train_step
+    from localssl.engine.step import train_step, unpack
 
     _check_local(rule)
-    device = views.device
+    x = unpack(views, rule)  # the rule's layout (a ViewBatch), or stacked [view 1; view 2]
+    device = x.device
     dtype = _amp_dtype(amp, device)
     groups = rule.groups()
     g_top = len(groups) - 1
@@ -144,7 +146,7 @@ def layer_gradients(
         # BP: the rule's own top-group loss, through every block, nothing detached.
         _zero(encoder, rule)
         with autocast(device, dtype):
-            h = encoder.run_blocks(views, range(len(encoder.blocks)))
+            h = encoder.run_blocks(x, range(len(encoder.blocks)))
             # DFB context: the detached top output, the same values train_step used.
             top = h.detach() if rule.needs_top_context else None
             loss = rule.loss(g_top, h, top)
@@ -213,7 +215,7 @@ def gradient_alignment(
             nl[k].append(_norm(local[k]["weight"]))
             nb[k].append(_norm(bp[k]["weight"]))
         n += 1
-        images += views.shape[0] // 2
+        images += views.images if isinstance(views, ViewBatch) else views.shape[0] // 2
     if n == 0:
         raise ValueError("gradient_alignment needs at least one batch of views")
     layers = []
@@ -297,14 +299,17 @@ def fit_b(
     groups = rule.groups()
     window = max(1, min(10, steps // 5))
     history: list[list[float]] = []
+    from localssl.engine.step import unpack
+
     for views in _repeat(views_batches):
         if len(history) >= steps:
             break
-        dtype = _amp_dtype(amp, views.device)
-        with torch.no_grad(), autocast(views.device, dtype):
-            outs = encoder(views)
+        x = unpack(views, rule)
+        dtype = _amp_dtype(amp, x.device)
+        with torch.no_grad(), autocast(x.device, dtype):
+            outs = encoder(x)
         top = outs[-1] if rule.needs_top_context else None
-        with autocast(views.device, dtype):
+        with autocast(x.device, dtype):
             losses = [rule.loss(g, outs[group.output], top) for g, group in enumerate(groups)]
         loss = sum(losses)
         if not torch.isfinite(loss):
@@ -376,8 +381,8 @@ def plot_alignment(result: dict[str, Any], path: str | Path, title: str = "") ->
 
 
 def _views_sampler(images: np.ndarray, augment: nn.Module, batch_size: int, gen: torch.Generator,
-                   device: torch.device) -> Callable[[], torch.Tensor]:
-    """Draws random batches (without replacement within a pass) of uint8 images -> stacked views."""
+                   device: torch.device) -> Callable[[], ViewBatch]:
+    """Draws random batches (without replacement within a pass) of uint8 images -> the rule's views."""
     n = len(images)
     state = {"perm": torch.randperm(n, generator=gen), "i": 0}
 
@@ -387,7 +392,7 @@ def _views_sampler(images: np.ndarray, augment: nn.Module, batch_size: int, gen:
         idx = np.sort(state["perm"][state["i"]: state["i"] + batch_size].numpy())
         state["i"] += batch_size
         x = torch.from_numpy(np.ascontiguousarray(images[idx])).to(device)
-        return augment(x)
+        return augment.batch(x)
 
     return draw
 
@@ -415,7 +420,7 @@ def align_run(
     B) with the run's options (f, feedback, b_l2, grids when spatial). With
     ``random_init`` the encoder is an untrained one of the same shape (seeded
     by ``seed``) and B is fresh too, since trained B's belong to trained
-    weights. Views are SimCLR views of the run's data set (pre-training split).
+    weights. Views are the rule's own (its view maker's) of the run's data set (pre-training split).
     """
     from localssl.builder import build_model, build_views
     from localssl.config import ConfigError
@@ -478,7 +483,8 @@ def align_run(
     rule.to(dev)
 
     # The run's normalisation (saved since runs record it; imagefolder's is its own).
-    augment = build_views(cfg, spec.image_size, cfg.mean or spec.mean, cfg.std or spec.std, spec.crop_scale, dev)
+    augment = build_views(cfg, spec.image_size, cfg.mean or spec.mean, cfg.std or spec.std, spec.crop_scale, dev,
+                          rule)  # the views the rule trains on, in its layout
     gen = torch.Generator().manual_seed(seed)
     draw = _views_sampler(data.images, augment, batch_size, gen, dev)
     # Kornia draws its random parameters from the global generator.
@@ -523,7 +529,7 @@ def add_align_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     p = subparsers.add_parser(
         "align", help="gradient alignment of a local rule with BP, per layer (METHODS 3)",
         description="Cosine between each block's local gradient and the BP gradient of the same rule's top "
-                    "loss, on the same SimCLR views of the run's data set; writes a JSON file and a PNG plot.",
+                    "loss, on the same views of the run's data set (the rule's view maker); writes a JSON file and a PNG plot.",
     )
     p.add_argument("run", help="run folder written by `localssl train`")
     p.add_argument("--checkpoint", default=None, help="checkpoint file (default: RUN/checkpoint.pt)")
