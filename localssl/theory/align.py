@@ -529,7 +529,8 @@ def add_align_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     p = subparsers.add_parser(
         "align", help="gradient alignment of a local rule with BP, per layer (METHODS 3)",
         description="Cosine between each block's local gradient and the BP gradient of the same rule's top "
-                    "loss, on the same views of the run's data set (the rule's view maker); writes a JSON file and a PNG plot.",
+                    "loss, on the same views of the run's data set (the rule's view maker); writes a JSON file "
+                    "and a PNG plot.",
     )
     p.add_argument("run", help="run folder written by `localssl train`")
     p.add_argument("--checkpoint", default=None, help="checkpoint file (default: RUN/checkpoint.pt)")
