@@ -119,10 +119,11 @@ ROW_WISE_CASES = ["vgg", "tail"]
 
 
 def make_views(in_shape, seed: int = 0, n: int = N_IMAGES, dtype=torch.float32,
-               layout: ViewLayout = ViewLayout()) -> torch.Tensor | ViewBatch:
+               layout: ViewLayout | None = None) -> torch.Tensor | ViewBatch:
     """``layout.n`` noisy views of the same n random images, stacked [view 1; view 2; ...] along the rows
     (a plain tensor for the default two-row layout) or the channels (a `ViewBatch`), or as SCFF's
     [positive pairs; negative pairs] rows (`localssl.data.pairs.pair_rows`), as the rule reads them."""
+    layout = layout or ViewLayout()
     g = torch.Generator().manual_seed(1000 + seed)
     base = torch.randn(n, *in_shape, generator=g, dtype=dtype)
     views = [base + 0.3 * torch.randn(base.shape, generator=g, dtype=dtype) for _ in range(layout.n)]
