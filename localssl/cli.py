@@ -26,11 +26,11 @@ from localssl.config import ConfigError, ProbeConfig, TrainConfig, from_dict, lo
 
 _HELP = {
     "rule": "learning rule (see `localssl rules`)",
-    "encoder": "encoder name (vgg6, vgg8, resnet18, resnet50, gim-resnet)",
+    "encoder": "encoder name (vgg6, vgg8, resnet18, resnet50; run per patch: gim-resnet, vgg6-patches)",
     "width": "channel width multiplier (1.0 = the paper's VGG-6; 0.25 for CPU runs)",
     "encoder_options": "the encoder's own options as KEY=VALUE, repeatable, over the config file's (resnet*: "
-    "stem=auto|cifar|imagenet, cut=stages|units, zero_init=true|false; gim-resnet: patch=16, patch_stride=8, "
-    "grayscale=true|false)",
+    "stem=auto|cifar|imagenet, cut=stages|units, zero_init=true|false; gim-resnet, vgg6-patches: "
+    "patch=16, patch_stride=8, grayscale=true|false)",
     "rule_options": "the rule's own options as KEY=VALUE, repeatable, over the config file's (each rule's "
     "options and defaults: `localssl rules`)",
     "dataset": "data set name (shapes10 is embedded and needs no download)",

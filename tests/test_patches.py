@@ -369,12 +369,30 @@ def test_gim_resnet_is_the_reference_architecture():
     assert not hasattr(plain, "tiles") and plain.grids_at(64) is None
 
 
-def test_grayscale_is_the_luma_of_rgb():
+def test_vgg6_patches_is_clapps_encoder():
+    """CLAPP 2021's VGG-like encoder (VGG-6's layers, one module each) on 16 px patches at stride 8, colour."""
     torch.manual_seed(0)
-    rgb = build_encoder("gim-resnet", width=1 / 16, in_channels=3, options={"patch": 8, "patch_stride": 8})
+    enc = build_encoder("vgg6-patches", width=1 / 32)
     torch.manual_seed(0)
-    gray = build_encoder("gim-resnet", width=1 / 16, in_channels=1, options={"patch": 8, "patch_stride": 8})
-    x = torch.rand(2, 3, 16, 16)
+    ref = patchify(build_encoder("vgg6", width=1 / 32), 16, 8, 3)
+    assert enc.tiles == [(16, 16), (8, 8), (8, 8), (4, 4), (2, 2), (1, 1)] and enc.grids_at(64) == [7] * 6
+    x = torch.randn(2, 3, 64, 64)
+    for a, b in zip(enc(x), ref(x)):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="vgg6 cannot encode a 8px patch"):
+        build_encoder("vgg6-patches", width=1 / 32, options={"patch": 8, "patch_stride": 4})
+    with pytest.raises(ConfigError, match="patch_stride >= 1"):
+        build_encoder("vgg6-patches", options={"patch_stride": 0})
+
+
+@pytest.mark.parametrize("name", ["gim-resnet", "vgg6-patches"])
+def test_grayscale_is_the_luma_of_rgb(name):
+    opts = {"patch": 16, "patch_stride": 16, "grayscale": True}
+    torch.manual_seed(0)
+    rgb = build_encoder(name, width=1 / 16, in_channels=3, options=opts)
+    torch.manual_seed(0)
+    gray = build_encoder(name, width=1 / 16, in_channels=1, options=opts)
+    x = torch.rand(2, 3, 32, 32)
     luma = 0.299 * x[:, :1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:]
     for a, b in zip(rgb(x), gray(luma)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -155,6 +155,11 @@ def make_views(in_shape, seed: int = 0, n: int = N_IMAGES, dtype=torch.float32,
     return ViewBatch(torch.cat(views, dim=0 if layout.stacking == "rows" else 1), layout)
 
 
+def as_double(views: torch.Tensor | ViewBatch) -> torch.Tensor | ViewBatch:
+    """The batch in float64, in its layout."""
+    return ViewBatch(views.x.double(), views.layout) if isinstance(views, ViewBatch) else views.double()
+
+
 def setup(rule_name: str, case: str = "vgg", seed: int = 0, **opts):
     torch.manual_seed(seed)
     enc, in_shape, grids = CASES[case]()
@@ -175,10 +180,6 @@ def supported_case(rule_name: str, preferred: str) -> str:
         if rule.unsupported() is None:
             return case
     raise AssertionError(f"no contract case fits {rule_name}")
-
-
-def to_double(views: torch.Tensor | ViewBatch) -> torch.Tensor | ViewBatch:
-    return ViewBatch(views.x.double(), views.layout) if isinstance(views, ViewBatch) else views.double()
 
 
 def same_draws(seed: int = 1234) -> None:
@@ -326,9 +327,9 @@ def test_routing_probe_sees_a_missing_detach():
 def test_detached_input_reaches_no_previous_block(name):
     """Group k run on the detached output of the block below it: that block gets no gradient, the group's do."""
     enc, rule, views = setup(name, supported_case(name, "vgg"))
-    views = unpack(views, rule)
-    top = enc(views)[-1].detach() if rule.needs_top_context else None
-    outs = enc(views)
+    x = unpack(views, rule)
+    top = enc(x)[-1].detach() if rule.needs_top_context else None
+    outs = enc(x)
     for k, group in enumerate(rule.groups()):
         if group.input < 0:
             continue
@@ -374,7 +375,7 @@ def test_block_by_block_adamw_equals_one_adamw_on_summed_loss(name):
     same sum: equal to float64 rounding, which the tolerance allows for.
     """
     enc, rule, views = setup(name, supported_case(name, "tail"), b_l2=1e-3)
-    enc, rule, views = enc.double(), rule.double(), to_double(views)
+    enc, rule, views = enc.double(), rule.double(), as_double(views)
     enc_b, rule_b = copy.deepcopy(enc), copy.deepcopy(rule)
     opt = build_optimizer(enc, rule, lr=1e-2, weight_decay=1e-2)
     named_b = named_trainable(enc_b, rule_b)
@@ -485,7 +486,7 @@ def test_micro_batched_step_gives_the_plain_gradients(name, case, micro_batch):
     so no chunk holds a positive pair) of the 8 views.
     """
     enc, rule, views = setup(name, case)
-    enc, rule, views = enc.double(), rule.double(), to_double(views)
+    enc, rule, views = enc.double(), rule.double(), as_double(views)
     named = named_trainable(enc, rule)
     zero_grads(named)
     same_draws()

@@ -15,12 +15,8 @@ and ``Resnet_Encoder.py``; defaults of ``arg_parser``: ``--resnet 50``,
 So a 16 px patch gives per-patch maps 16, 8, 4 (`tiles`). PyTorch's default
 init (the reference's ``--weight_init`` is off by default).
 
-Ours: ``grayscale`` converts RGB input to luma inside the first block (fixed
-ITU-R 601 weights 0.299, 0.587, 0.114, PIL's "L", which torchvision's
-``Grayscale`` uses), so the probes' colour images get the same conversion as
-the training views; the reference converts before normalising, we after
-(a fixed linear map of the normalised channels: a slightly different gray
-weighting). ``width`` scales the planes.
+Ours: ``grayscale`` (`PatchEncoderOptions`) converts RGB to luma inside the
+first block; ``width`` scales the planes.
 """
 from __future__ import annotations
 
@@ -30,44 +26,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from localssl.config import ConfigError
 from localssl.models.blocks import BlockEncoder, scale_channels
-from localssl.models.patches import patchify
-from localssl.models.registry import EncoderOptions, register_encoder
+from localssl.models.patches import Luma, PatchEncoderOptions, patchify
+from localssl.models.registry import register_encoder
 
 #: Bottlenecks and planes per module (FullModel.py: block_dims [3, 4, 6], num_channels [64, 128, 256]).
 MODULES = ((3, 64), (4, 128), (6, 256))
-LUMA = (0.299, 0.587, 0.114)
 
 
 @dataclass
-class GIMResNetOptions(EncoderOptions):
-    """Options of ``gim-resnet`` (``--encoder-opt KEY=VALUE``).
+class GIMResNetOptions(PatchEncoderOptions):
+    """Options of ``gim-resnet``: `PatchEncoderOptions` with GIM's grayscale input by default."""
 
-    patch: patch side in px (0: no patches, a plain CNN); patch_stride: the
-    step between patches (GIM: half the patch, 50% overlap); grayscale: luma
-    of RGB input first (GIM's ``--grayscale``).
-    """
-
-    patch: int = 16
-    patch_stride: int = 8
     grayscale: bool = True
-
-    def __post_init__(self) -> None:
-        if self.patch < 0 or (self.patch > 0 and self.patch_stride < 1):
-            raise ConfigError(f"gim-resnet needs patch >= 0 and patch_stride >= 1, got patch={self.patch}, "
-                              f"patch_stride={self.patch_stride}")
-
-
-class Luma(nn.Module):
-    """RGB -> one gray channel with fixed weights (no parameter); other channel counts pass unchanged."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.register_buffer("weight", torch.tensor(LUMA).view(1, 3, 1, 1), persistent=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x * self.weight.to(x.dtype)).sum(1, keepdim=True) if x.shape[1] == 3 else x
 
 
 class PreActBottleneckNoBN(nn.Module):

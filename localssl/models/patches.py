@@ -23,10 +23,50 @@ grid of a patched encoder is therefore its patch grid (`PatchedEncoder.grids_at`
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
+from localssl.config import ConfigError
 from localssl.models.blocks import BlockEncoder
+from localssl.models.registry import EncoderOptions
+
+#: ITU-R 601 luma weights, PIL's "L" conversion, which torchvision's ``Grayscale`` (GIM's ``--grayscale``) uses.
+LUMA = (0.299, 0.587, 0.114)
+
+
+@dataclass
+class PatchEncoderOptions(EncoderOptions):
+    """Options of an encoder run per patch (``--encoder-opt KEY=VALUE``).
+
+    patch: patch side in px (0: no patches, the plain encoder); patch_stride:
+    the step between patches (GIM and CLAPP: half the patch, 50% overlap);
+    grayscale: luma of RGB input first, inside the first block (GIM's
+    ``--grayscale``; CLAPP trains on colour), so that the probes' images get
+    it too. The reference converts before normalising, we after: a fixed
+    linear map of the normalised channels, a slightly different gray weighting.
+    """
+
+    patch: int = 16
+    patch_stride: int = 8
+    grayscale: bool = False
+
+    def __post_init__(self) -> None:
+        if self.patch < 0 or (self.patch > 0 and self.patch_stride < 1):
+            raise ConfigError(f"a patched encoder needs patch >= 0 and patch_stride >= 1, got patch={self.patch}, "
+                              f"patch_stride={self.patch_stride}")
+
+
+class Luma(nn.Module):
+    """RGB -> one gray channel with the fixed `LUMA` weights (no parameter); other channel counts pass unchanged."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("weight", torch.tensor(LUMA).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x * self.weight.to(x.dtype)).sum(1, keepdim=True) if x.shape[1] == 3 else x
 
 
 def patch_grid(size: int, patch: int, stride: int) -> int:
@@ -116,7 +156,11 @@ def patchify(encoder: BlockEncoder, patch: int, stride: int, in_channels: int) -
     tiles = []
     try:
         for block in encoder.blocks:
-            x = block(x)
+            try:
+                x = block(x)
+            except RuntimeError as e:  # e.g. more max-pools than a small patch has pixels
+                raise ValueError(f"{encoder.name} cannot encode a {patch}px patch (block {len(tiles) + 1}: "
+                                 f"{str(e).splitlines()[0]}): choose a larger patch") from None
             if x.dim() != 4:
                 raise ValueError(f"a patched encoder's blocks must output maps, block {len(tiles) + 1} gives "
                                  f"{tuple(x.shape[1:])}")
