@@ -277,6 +277,8 @@ def test_rules_refuse_grids_without_rows_below():
     cfg = TrainConfig(rule="clapp2021", encoder="vgg6", width=1 / 32)
     with pytest.raises(ConfigError, match="rule clapp2021 on encoder vgg6: block 5 pools to 2 row"):
         build_model(cfg, 3, 32)
+    with pytest.raises(ConfigError, match="32px images from shapes10: a 32x32 input is smaller than one 40px patch"):
+        build_model(TrainConfig(rule="gim", encoder="gim-resnet", encoder_options={"patch": 40}), 3, 32)
     with pytest.raises(ConfigError, match="negatives must be >= 1"):
         build_model(TrainConfig(rule="gim", encoder="gim-resnet", rule_options={"negatives": 0}), 3, 96)
 

@@ -78,7 +78,9 @@ def patch_grid(size: int, patch: int, stride: int) -> int:
 
 def to_patches(x: torch.Tensor, patch: int, stride: int) -> tuple[torch.Tensor, int, int]:
     """Images (B, C, H, W) -> patches (B * gy * gx, C, patch, patch), row-major per image, and (gy, gx)."""
-    b, c = x.shape[:2]
+    b, c, h, w = x.shape
+    if h < patch or w < patch:  # a RuntimeError, as torch's own shape errors (the builder names the input size)
+        raise RuntimeError(f"a {h}x{w} input is smaller than one {patch}px patch (encoder option patch)")
     p = x.unfold(2, patch, stride).unfold(3, patch, stride)  # (B, C, gy, gx, patch, patch)
     gy, gx = p.shape[2], p.shape[3]
     return p.permute(0, 2, 3, 1, 4, 5).reshape(b * gy * gx, c, patch, patch), gy, gx
