@@ -132,11 +132,12 @@ def test_cpc_negatives_are_uniform_over_every_target():
 # ----------------------------------------------------------------------------- CLAPP 2021 by hand
 
 
-def _hinge_by_hand(c, z, weights, skip, other, positive):
+def _hinge_by_hand(c, z, weights, skip, other, positive, negatives=None):
     B, _, Y, X = z.shape
     per_step = []
     for k, w in enumerate(weights, start=1):
         off = k + skip
+        targets = [(b, y, x) for b in range(B) for y in range(off, Y) for x in range(X)]
         l_pos, l_neg = [], []
         for b in range(B):
             lp, ln = [], []
@@ -144,8 +145,14 @@ def _hinge_by_hand(c, z, weights, skip, other, positive):
                 for x in range(X):
                     ctx = c[b, :, y, x]
                     lp.append(max(0.0, 1 - _dot(ctx, w @ z[b, :, y + off, x])))
-                    # the negative: the same target position (y + off, x) of another image
-                    ln.append(max(0.0, 1 + _dot(ctx, w @ z[int(other[b]), :, y + off, x])))
+                    if negatives is None:
+                        # the negative: the same target position (y + off, x) of another image
+                        ln.append(max(0.0, 1 + _dot(ctx, w @ z[int(other[b]), :, y + off, x])))
+                        continue
+                    p = (b * (Y - off) + y) * X + x  # this context's row of the drawn indices
+                    for j in negatives[k - 1][p]:
+                        tb, ty, tx = targets[int(j)]
+                        ln.append(max(0.0, 1 + _dot(ctx, w @ z[tb, :, ty, tx])))
             l_pos.append(sum(lp) / len(lp))
             l_neg.append(sum(ln) / len(ln))
         if positive is None:
@@ -166,6 +173,13 @@ def test_clapp_hinge_equals_the_loop(positive):
     got = clapp_hinge(c, z, weights[:2], 1, other, mask)
     want = _hinge_by_hand(c, z, weights[:2], 1, other, positive)
     assert abs(float(got) - want) < 1e-12 * max(1.0, abs(want))
+    # CLAPP-s as the reference's script: 3 negatives per position drawn from every image and position.
+    negatives = [torch.randint(3 * (5 - o) * 2, (3 * (5 - o) * 2, 3), generator=g) for o in (2, 3)]
+    got = clapp_hinge(c, z, weights[:2], 1, None, mask, negatives)
+    want = _hinge_by_hand(c, z, weights[:2], 1, None, positive, negatives)
+    assert abs(float(got) - want) < 1e-12 * max(1.0, abs(want))
+    with pytest.raises(ValueError, match="either negative_image"):
+        clapp_hinge(c, z, weights[:2], 1, other, mask, negatives)
 
 
 def test_other_images_are_never_the_image_itself():
@@ -235,7 +249,7 @@ def test_rule_objectives_are_the_losses_on_their_draws():
     with torch.no_grad():
         outs = enc(x)
     for name in ("gim", "clapp2021"):
-        for opts in ({}, {"synchronous": True}, {"asymmetric": False}):
+        for opts in ({}, {"synchronous": True}, {"asymmetric": False}, {"negatives": 4}):
             rule = build_rule(name, shapes, opts if name == "clapp2021" else {}, grids=grids)
             z = rule.represent(2, outs[2])
             assert z.shape == (4, shapes[2][0], 7, 7)
@@ -246,11 +260,13 @@ def test_rule_objectives_are_the_losses_on_their_draws():
             if name == "gim":
                 want = cpc_info_nce(z, z, w[0], 1, draw_cpc_negatives(z.shape, [2, 3, 4, 5, 6], 16))
             else:
-                other = draw_other_images(4)
+                n = rule.options.negatives
+                other = draw_other_images(4) if n == 0 else None
+                anywhere = draw_cpc_negatives(z.shape, [2, 3, 4, 5, 6], n) if n else None
                 pos = None if rule.options.synchronous else draw_updates(4, 0.5)
-                want = clapp_hinge(z, z, w[0], 1, other, pos)
+                want = clapp_hinge(z, z, w[0], 1, other, pos, anywhere)
                 if rule.options.asymmetric:
-                    want = want + clapp_hinge(z, z, w[1], 1, other, pos)
+                    want = want + clapp_hinge(z, z, w[1], 1, other, pos, anywhere)
             torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
 
 

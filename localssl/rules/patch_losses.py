@@ -81,15 +81,18 @@ def draw_cpc_negatives(shape: Sequence[int], steps: Sequence[int], n: int, devic
 
 
 def clapp_hinge(context: torch.Tensor, target: torch.Tensor, weights: Sequence[torch.Tensor], skip: int,
-                negative_image: torch.Tensor, positive: torch.Tensor | None = None) -> torch.Tensor:
+                negative_image: torch.Tensor | None, positive: torch.Tensor | None = None,
+                negatives: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
     """CLAPP's hinge on a patch grid (Illing et al. 2021, eq. 3; the reference's ``CLAPPHingeLoss``).
 
     For step k and context position (b, y, x): u+ = c_b^T W_k z_b at the
     target position (y + k + skip, x); u- = c_b^T W_k z_j at the *same*
     target position of image ``j = negative_image[b]`` (the reference's
     ``sample_negs_locally_same_everywhere``: one other image per sample, the
-    same for every position and step). Per sample:
-    l+_b = mean_{y,x} relu(1 - u+), l-_b = mean_{y,x} relu(1 + u-).
+    same for every position and step). Or, with ``negatives`` (``(P_k, N)``
+    flat target indices per step, as `cpc_info_nce`; ``negative_image``
+    None), N negatives drawn anywhere (the reference's CLAPP-s script).
+    Per sample: l+_b = mean_{y,x} relu(1 - u+), l-_b = mean_{y,x(,n)} relu(1 + u-).
 
     ``positive``: None (CLAPP-s, synchronous) gives mean_b l+ + mean_b l-;
     a bool ``(B,)`` mask (CLAPP) takes sample b's positive term where it is
@@ -97,11 +100,18 @@ def clapp_hinge(context: torch.Tensor, target: torch.Tensor, weights: Sequence[t
     positive samples + mean of l- over the others (an empty set adds 0), as
     the reference's ``_add_losses``. Mean over steps.
     """
+    if (negative_image is None) == (negatives is None):
+        raise ValueError("give either negative_image (one other image per sample) or negatives (indices)")
     losses = []
     for k, w in enumerate(weights, start=1):
         c, wz = _pairs(context, target, w, k + skip)
         l_pos = F.relu(1 - (c * wz).sum(-1)).mean(dim=(1, 2))
-        l_neg = F.relu(1 + (c * wz[negative_image]).sum(-1)).mean(dim=(1, 2))
+        if negatives is None:
+            l_neg = F.relu(1 + (c * wz[negative_image]).sum(-1)).mean(dim=(1, 2))
+        else:
+            flat = wz.reshape(-1, wz.shape[-1])[negatives[k - 1]]  # (P, N, C)
+            u_neg = torch.einsum("pc,pnc->pn", c.reshape(-1, c.shape[-1]), flat)
+            l_neg = F.relu(1 + u_neg).reshape(c.shape[0], -1).mean(1)
         if positive is None:
             losses.append(l_pos.mean() + l_neg.mean())
         else:

@@ -98,18 +98,24 @@ class CLAPP2021Options(PatchOptions):
       ``--either_pos_or_neg_update``, p = 0.5); True (CLAPP-s): both terms.
     asymmetric: two predictors per step, u1 = sg(z) W1 c trains the context
       side and u2 = z W2 sg(c) the target side, so no weight is used in both
-      directions (``--asymmetric_W_pred``, in the reference's CLAPP script;
-      its CLAPP-s script uses one shared W and 16 negatives from anywhere).
+      directions (``--asymmetric_W_pred``, in the reference's CLAPP script).
+    negatives: 0 (CLAPP): one, the same place in another image
+      (``--negative_samples 1 --sample_negs_locally_same_everywhere``); N >= 1:
+      N from every image and position, as GIM's. The reference's CLAPP-s
+      script: ``synchronous=true asymmetric=false negatives=16``.
     """
 
     synchronous: bool = False
     p: float = 0.5
     asymmetric: bool = True
+    negatives: int = 0
 
     def check(self) -> None:
         super().check()
         if not 0 < self.p < 1:
             raise ValueError(f"p must be in (0, 1), got {self.p}")
+        if self.negatives < 0:
+            raise ValueError(f"negatives must be >= 0 (0: the same place in another image), got {self.negatives}")
 
 
 def _predictor(c_c: int, c_z: int) -> nn.Parameter:
@@ -189,13 +195,14 @@ class PatchPredictive(Rule):
             negs = draw_cpc_negatives(z.shape, offs, self.options.negatives, z.device)
             return cpc_info_nce(z, z, list(weights[0]), skip, negs)
         opt: CLAPP2021Options = self.options  # type: ignore[assignment]
-        other = draw_other_images(z.shape[0], z.device)
+        other = draw_other_images(z.shape[0], z.device) if opt.negatives == 0 else None
+        anywhere = draw_cpc_negatives(z.shape, offs, opt.negatives, z.device) if opt.negatives else None
         positive = None if opt.synchronous else draw_updates(z.shape[0], opt.p, z.device)
         if not opt.asymmetric:
-            return clapp_hinge(z, z, list(weights[0]), skip, other, positive)
+            return clapp_hinge(z, z, list(weights[0]), skip, other, positive, anywhere)
         # The reference's loss(z, sg(c)) + loss_mirror(sg(z), c), one draw shared by both.
-        return (clapp_hinge(z.detach(), z, list(weights[0]), skip, other, positive)
-                + clapp_hinge(z, z.detach(), list(weights[1]), skip, other, positive))
+        return (clapp_hinge(z.detach(), z, list(weights[0]), skip, other, positive, anywhere)
+                + clapp_hinge(z, z.detach(), list(weights[1]), skip, other, positive, anywhere))
 
     def group_parameters(self, g: int) -> list[nn.Parameter]:
         return [p for side in self.predictors[g] for p in side]
