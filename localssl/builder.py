@@ -60,7 +60,7 @@ def build_model(cfg: TrainConfig, channels: int, image_size: int, rule_device: s
         raise ConfigError(
             f"encoder {cfg.encoder} cannot take {image_size}px images from {cfg.dataset}: {e}; pass a larger --resize"
         ) from None
-    grids = check_grids(cfg.encoder, cfg.grids, shapes, image_size)
+    grids = check_grids(cfg.encoder, cfg.grids, shapes, image_size, defaults=encoder.grids_at(image_size))
     name = rule or cfg.rule
     options = cfg.rule_options if name == cfg.rule else options_for(name, cfg.rule_options)
     try:
@@ -68,6 +68,9 @@ def build_model(cfg: TrainConfig, channels: int, image_size: int, rule_device: s
             built = build_rule(name, shapes, options, grids)
     except ValueError as e:
         raise ConfigError(f"rule {name}: {e}") from None
+    reason = built.unsupported()
+    if reason is not None:
+        raise ConfigError(f"rule {name} on encoder {cfg.encoder}: {reason}")
     return Model(encoder, built, shapes, grids)
 
 
@@ -112,11 +115,16 @@ def build_optimizer(encoder: BlockEncoder, rule: Rule, lr: float, weight_decay: 
 
 def build_views(cfg: TrainConfig, image_size: int, mean, std, crop_scale, device: torch.device,
                 rule: Rule | None = None) -> torch.nn.Module:
-    """The view maker the rule asks for (`Rule.view_maker`; every rule here: two SimCLR views per image,
-    stacked [view 1; view 2]); ``maker.batch(x_uint8)`` gives a `ViewBatch` that says its layout."""
+    """The view maker the rule asks for (`Rule.view_maker`, with the rule's `Rule.view_options`; most rules: two
+    SimCLR views per image, stacked [view 1; view 2]); ``maker.batch(x_uint8)`` gives a `ViewBatch` that says
+    its layout."""
     crop = tuple(cfg.crop_scale) if cfg.crop_scale else crop_scale
     maker = VIEW_MAKERS.get(rule.view_maker if rule is not None else "simclr")
-    return maker(image_size, mean, std, crop_scale=crop).to(device)
+    extra = rule.view_options() if rule is not None else {}
+    try:
+        return maker(image_size, mean, std, crop_scale=crop, **extra).to(device)
+    except ValueError as e:  # e.g. a patch rule's crop larger than the images
+        raise ConfigError(f"views of rule {cfg.rule}: {e}") from None
 
 
 def build_step(cfg: TrainConfig, rule: Rule, total_steps: int) -> Step:

@@ -26,18 +26,19 @@ from localssl.config import ConfigError, ProbeConfig, TrainConfig, from_dict, lo
 
 _HELP = {
     "rule": "learning rule (see `localssl rules`)",
-    "encoder": "encoder name (vgg6, vgg8, resnet18, resnet50, scff-cifar)",
+    "encoder": "encoder name (vgg6, vgg8, resnet18, resnet50, scff-cifar; run per patch: gim-resnet, vgg6-patches)",
     "width": "channel width multiplier (1.0 = the paper's VGG-6; 0.25 for CPU runs)",
     "encoder_options": "the encoder's own options as KEY=VALUE, repeatable, over the config file's (resnet*: "
-    "stem=auto|cifar|imagenet, cut=stages|units, zero_init=true|false; scff-cifar: first_norm=true|false)",
+    "stem=auto|cifar|imagenet, cut=stages|units, zero_init=true|false; scff-cifar: first_norm=true|false; "
+    "gim-resnet, vgg6-patches: patch=16, patch_stride=8, grayscale=true|false)",
     "rule_options": "the rule's own options as KEY=VALUE, repeatable, over the config file's (each rule's "
     "options and defaults: `localssl rules`)",
     "dataset": "data set name (shapes10 is embedded and needs no download)",
     "data_dir": "folder (or archive) holding the data set in its official format",
     "subset": "pre-train on only this many images (deterministic per seed)",
     "grids": "pooled grid side per block, for the spatial rules' losses and the probe's features (train default: "
-    "the paper's grids where they divide the feature maps, else the largest divisor below them; probe default: "
-    "the run's)",
+    "the paper's grids where they divide the feature maps, else the largest divisor below them; a patched "
+    "encoder's: its patch grid; probe default: the run's)",
     "resize": "resize every image to S x S pixels (bicubic) when the data set is first decoded into the cache "
     "(train default: keep the images' size; probe default: the run's)",
     "mean": "per-channel normalisation mean, 0..1 scale (default: the data set's published values; imagefolder: "

@@ -477,17 +477,20 @@ def validate_train(cfg: TrainConfig) -> None:
 
 
 def check_grids(
-    encoder: str, grids: list[int] | None, shapes: list[tuple[int, ...]], image_size: int, what: str = "pooling grids"
+    encoder: str, grids: list[int] | None, shapes: list[tuple[int, ...]], image_size: int, what: str = "pooling grids",
+    defaults: list[int] | None = None,
 ) -> list[int]:
     """``grids`` checked against the blocks' ``(C, H, W)`` outputs, or the defaults for them when None.
 
-    The defaults are `default_grids` at this input size (the paper's grids
-    where they fit, METHODS 2.2). Grids that do not fit are one error listing
-    every block that fails, with its map size and the grids it allows.
+    The defaults are ``defaults`` when the encoder's layout gives its own
+    (`BlockEncoder.grids_at`: a patched encoder's patch grid), else
+    `default_grids` at this input size (the paper's grids where they fit,
+    METHODS 2.2). Grids that do not fit are one error listing every block
+    that fails, with its map size and the grids it allows.
     """
     from localssl.models import default_grids, grid_choices
 
-    fitted = default_grids(encoder, shapes=shapes)
+    fitted = list(defaults) if defaults is not None else default_grids(encoder, shapes=shapes)
     if grids is None:
         return fitted
     if len(grids) != len(shapes):

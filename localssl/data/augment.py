@@ -200,3 +200,41 @@ class CropFlip(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = self.augment(to_float_nchw(x))
         return (xf - self.normalize.mean) / self.normalize.std
+
+
+@VIEW_MAKERS.register("patches")
+class PatchViews(nn.Module):
+    """One view per image for the patch rules (Greedy InfoMax, CLAPP 2021; METHODS 5.3): ``(B, C, crop, crop)``.
+
+    GIM's and CLAPP's training transform (loeweX/Greedy_InfoMax
+    ``vision/data/get_dataloader.py``): a random ``crop`` x ``crop`` window
+    (64 of STL-10's 96 px; no resize), a horizontal flip with p = 0.5, and
+    normalisation; their grayscale step is the encoder's (`models.gim_resnet`),
+    so that the probes' images get it too. ``padding`` px of reflection
+    first (ours, for 32 px CIFAR-10: pad 4, crop 32). ``crop_scale`` (the
+    SimCLR crop's area range) does not apply here.
+    """
+
+    layout = ViewLayout(1, "rows")
+
+    def __init__(self, image_size: int, mean: Sequence[float], std: Sequence[float],
+                 crop_scale: tuple[float, float] | None = None, crop: int = 64, padding: int = 0) -> None:
+        super().__init__()
+        if not 1 <= crop <= image_size + 2 * padding:
+            raise ValueError(f"crop={crop} px does not fit the {image_size} px images with crop_padding={padding}: "
+                             f"choose crop <= {image_size + 2 * padding}")
+        self.crop, self.padding = crop, padding
+        self.augment = nn.Sequential(
+            K.RandomCrop((crop, crop), padding=padding or None, padding_mode="reflect"),
+            K.RandomHorizontalFlip(p=0.5),
+        )
+        self.normalize = Preprocess(mean, std)
+
+    def batch(self, x: torch.Tensor) -> ViewBatch:
+        """uint8 (B, H, W, C) -> a `ViewBatch` of one view per image."""
+        return ViewBatch(self(x), self.layout)
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = self.augment(to_float_nchw(x))
+        return ((xf - self.normalize.mean) / self.normalize.std).contiguous(memory_format=torch.channels_last)

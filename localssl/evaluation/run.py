@@ -117,10 +117,11 @@ def _probe(cfg: ProbeConfig, run: Path) -> dict[str, Any]:
     except RuntimeError as e:
         raise ConfigError(f"encoder {tcfg.encoder} cannot take {size}px images: {e}; pass a larger --resize") from None
     if cfg.grids is not None:
-        grids = check_grids(tcfg.encoder, cfg.grids, shapes, size, what="--grids")
+        grids = check_grids(tcfg.encoder, cfg.grids, shapes, size, what="--grids", defaults=encoder.grids_at(size))
     else:
         # Every rule is probed on the same features: the run's grids (fitted to the size if it saved none).
-        grids = check_grids(tcfg.encoder, tcfg.grids, shapes, size, what="the run's pooling grids")
+        grids = check_grids(tcfg.encoder, tcfg.grids, shapes, size, what="the run's pooling grids",
+                            defaults=encoder.grids_at(size))
     amp_dtype = resolve_amp(cfg.amp, device)
     result = run_probe(
         encoder.to(device), train, test, mean=mean, std=std, grids=grids,

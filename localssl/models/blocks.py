@@ -49,6 +49,11 @@ class BlockEncoder(nn.Module):
         h = self.forward(x)[-1]
         return h.flatten(2).mean(-1) if h.dim() > 2 else h
 
+    def grids_at(self, image_size: int) -> list[int] | None:
+        """Pooling grids this encoder's own layout calls for at ``image_size`` px (a patched encoder: its
+        patch grid, `localssl.models.patches`); None: the name's defaults (`default_grids`)."""
+        return None
+
     def run_blocks(self, x: torch.Tensor, indices: Sequence[int]) -> torch.Tensor:
         """Apply the consecutive blocks ``indices`` to ``x`` (a group's forward)."""
         for k in indices:

@@ -16,6 +16,7 @@ from torch import nn
 
 from localssl.models.blocks import BlockEncoder, scale_channels
 from localssl.models.layers import MaxPool2d
+from localssl.models.patches import Luma, PatchEncoderOptions, patchify
 from localssl.models.registry import register_encoder
 
 # (channels, max-pool after the layer)
@@ -67,6 +68,21 @@ def _vgg(name: str, width: float, in_channels: int) -> BlockEncoder:
 def vgg6(width: float = 1.0, in_channels: int = 3) -> BlockEncoder:
     """VGG-6 of METHODS 2.1, channel counts scaled by ``width``."""
     return _vgg("vgg6", width, in_channels)
+
+
+@register_encoder("vgg6-patches", options=PatchEncoderOptions)
+def vgg6_patches(width: float = 1.0, in_channels: int = 3, options: PatchEncoderOptions | None = None) -> BlockEncoder:
+    """VGG-6 run per patch (`localssl.models.patches`): CLAPP 2021's encoder (Illing et al. 2021; its
+    ``VGG_like_Encoder`` stacks 128, 256, M, 256, 512, M, 1024, M, 1024, M, VGG-6's layers, one module
+    each, on 16 px patches at stride 8 of colour 64 px crops: per-patch maps 16, 8, 8, 4, 2, 1)."""
+    options = options or PatchEncoderOptions()
+    gray = options.grayscale and in_channels == 3
+    encoder = _vgg("vgg6", width, 1 if gray else in_channels)
+    if gray:
+        encoder.blocks[0] = nn.Sequential(Luma(), *encoder.blocks[0])
+    if options.patch == 0:
+        return encoder
+    return patchify(encoder, options.patch, options.patch_stride, in_channels)
 
 
 @register_encoder("vgg8")

@@ -6,7 +6,7 @@ registers itself next to its code; the trainer never sees rule names.
 """
 from __future__ import annotations
 
-from localssl.rules import blockwise, bp, clapp, fixed_feedback, scff  # noqa: F401  (registers the rules)
+from localssl.rules import blockwise, bp, clapp, fixed_feedback, patches, scff  # noqa: F401  (registers the rules)
 from localssl.rules.base import FEEDBACK_KINDS, Group, Rule, RuleOptions, check_groups
 from localssl.rules.blockwise import Blockwise, Head, inject_noise
 from localssl.rules.bp import BPInfoNCE, InfoNCEOptions
@@ -25,6 +25,7 @@ from localssl.rules.losses import (
     swap_views,
     vicreg,
 )
+from localssl.rules.patches import CLAPP2021Options, CPCOptions, PatchPredictive
 from localssl.rules.registry import RULES, bp_counterpart, build_rule, register_rule, resolve_rule_options, rule_options
 from localssl.rules.scff import SCFF, SCFFOptions
 
@@ -32,7 +33,7 @@ __all__ = [
     "RULES", "FEEDBACK_KINDS", "Group", "Rule", "RuleOptions", "build_rule", "check_groups", "register_rule",
     "rule_options", "resolve_rule_options", "bp_counterpart",
     "Blockwise", "Head", "inject_noise",
-    "SCFF", "SCFFOptions",
+    "SCFF", "SCFFOptions", "PatchPredictive", "CPCOptions", "CLAPP2021Options",
     "CLAPPPlusPlus", "BPCLAPPPlusPlus", "ContrastiveOptions", "BPInfoNCE", "InfoNCEOptions", "Feedback",
     "ForwardForward", "FFOptions", "DirectFeedbackAlignment", "DFAOptions",
     "CONTRASTIVE_F", "contrastive_loss", "info_nce", "info_nce_symmetric", "nt_xent", "barlow_twins", "vicreg",

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -137,6 +138,20 @@ class Rule(nn.Module):
     # output on its own (pooling), so it can run chunk by chunk; ``objective``
     # sees the whole batch of these (small) representations, where the
     # negatives and contexts of other rows live.
+
+    def unsupported(self) -> str | None:
+        """Why this rule's loss is undefined on its block shapes and grids (None: it is defined).
+
+        The patch rules need rows of patch codes below a context row; a block
+        that pools to one row (or gives a vector) has none. The builder turns a
+        reason into a config error; the contract tests skip such an encoder
+        for such a rule with this reason.
+        """
+        return None
+
+    def view_options(self) -> dict[str, Any]:
+        """Keyword options of the rule's view maker beyond size and normalisation (the patch rules' crop)."""
+        return {}
 
     def handoff(self, block: int, h: torch.Tensor) -> torch.Tensor:
         """Block ``block``'s output as its group's loss and the next group see it (default: unchanged).
