@@ -33,8 +33,17 @@ def route_steps(monkeypatch):
         if fn is None:
             monkeypatch.setattr(trainer_mod, "build_step", real_build)
             return
-        monkeypatch.setattr(trainer_mod, "build_step",
-                            lambda *a, **k: (lambda *sa, **skw: fn(real_build(*a, **k), *sa, **skw)))
+        class Routed:  # the step's calls go through fn; what it measured (`Step.metrics`) is still its own
+            def __init__(self, step):
+                self.step = step
+
+            def __call__(self, *sa, **skw):
+                return fn(self.step, *sa, **skw)
+
+            def metrics(self):
+                return self.step.metrics()
+
+        monkeypatch.setattr(trainer_mod, "build_step", lambda *a, **k: Routed(real_build(*a, **k)))
 
     return route
 
