@@ -26,12 +26,14 @@ from test_rules import make_views, setup
 from torch import nn
 
 from localssl.builder import build_step
+from localssl.cli import main
 from localssl.config import ConfigError, TrainConfig
 from localssl.engine.checkpoint import CHECKPOINT, load_checkpoint
-from localssl.engine.inference import InferenceStep, energy, relax
+from localssl.engine.inference import MAX_HALVINGS, InferenceStep, energy, relax
 from localssl.engine.step import _amp, _norm_stats_kept, train_step
 from localssl.engine.trainer import train
 from localssl.models import split_into_blocks
+from localssl.reports.energy import energy_curves
 from localssl.rules import Inference, build_rule, info_nce
 
 
@@ -138,6 +140,22 @@ def test_backtracking_keeps_the_energy_from_rising_where_a_fixed_step_diverges()
     back = relax(enc, rule, views, Inference(20, 0.1, backtrack=True))
     assert (back.energies.diff() <= 0).all() and back.energies[-1] < back.energies[0]
     assert back.step_size < 0.1
+
+
+def test_backtracking_stops_inference_where_no_step_lowers_the_energy(monkeypatch):
+    """A top term whose gradient at the feedforward point is v but whose curvature is 1e6: every step down to
+    1/1024 of eta raises E, so the latents stay, the curve stays flat (T + 1 values) and no block learns."""
+    enc, rule, views = _double(*setup("pc", "tail"))
+    ff = enc(views)[-1].detach()
+    v = torch.ones_like(ff)
+    monkeypatch.setattr(rule, "loss", lambda g, h, top=None: 1e6 * (h - ff).pow(2).sum() + (h * v).sum())
+    step = InferenceStep(Inference(5, 0.1, backtrack=True))
+    step(enc, rule, None, views)
+    e = step.last.energies
+    assert e.shape == (6,) and (e == e[0]).all()
+    torch.testing.assert_close(step.last.xs[-1], ff, rtol=0, atol=0)
+    assert all(p.grad is None or not p.grad.any() for p in enc.parameters())
+    assert step.last.step_size == pytest.approx(0.1 / 2**MAX_HALVINGS)
 
 
 def test_two_inference_steps_by_hand():
@@ -305,7 +323,7 @@ def _cfg(tmp_path, **kw) -> TrainConfig:
     return TrainConfig(**base)
 
 
-def test_train_resume_and_energy_curve_in_the_log(tmp_path, route_steps, monkeypatch):
+def test_train_resume_and_energy_curve_in_the_log(tmp_path, route_steps, monkeypatch, capsys):
     """`localssl train --rule pc`: a crash after step 4 + --resume == one clean run; metrics hold the curve."""
     monkeypatch.setenv("LOCALSSL_CACHE", str(tmp_path / "cache"))
     clean = train(_cfg(tmp_path, out=str(tmp_path / "clean")))
@@ -335,3 +353,19 @@ def test_train_resume_and_energy_curve_in_the_log(tmp_path, route_steps, monkeyp
         assert all(x >= y for x, y in zip(curve, curve[1:])), curve  # backtracking: E never rises
         assert curve[-1] == pytest.approx(r["loss"], rel=1e-5)
     assert (resumed / "metrics.csv").read_text().splitlines()[0].count("energy_") == 4
+    # `localssl energy RUN`: the same curves, as a table.
+    curves = energy_curves(resumed)
+    assert [c["step"] for c in curves] == list(range(1, 7))
+    assert curves[-1]["energies"] == [rows[-1][f"energy_{t}"] for t in range(4)]
+    assert main(["energy", str(resumed), "--rows", "2"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split() == ["step", "eta", "E_0", "E_1", "E_2", "E_3"] and len(table) == 3
+    assert table[-1].split()[0] == "6" and float(table[-1].split()[-1]) == pytest.approx(rows[-1]["energy_3"], rel=1e-3)
+
+
+def test_energy_command_names_a_run_without_a_curve(tmp_path, capsys):
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 1.0}) + "\n")
+    assert main(["energy", str(tmp_path)]) == 2
+    assert "logs no energy curve" in capsys.readouterr().err
+    assert main(["energy", str(tmp_path / "nothing")]) == 2
+    assert "does not exist" in capsys.readouterr().err

@@ -17,14 +17,15 @@ latents. The loop is a `Step` like the others, so the trainer does not change:
    per-sample dynamics of the papers), and E again at the new latents. With
    backtracking (`Inference.backtrack`) a step that would raise E is
    retried at half the size, and the halved size kept for the step's
-   remaining iterations;
+   remaining iterations; where no size down to 1/1024 of it lowers E,
+   inference stops (`MAX_HALVINGS`);
 3. the backward of the last E, whose latents are leaves: each block's
    weights get dE/dW_l through f_l(x_{l-1}) alone (no gradient crosses a
    block boundary: the latents are cut there), the rule's own parameters
    their gradient of the top term; then one optimizer step, as every step.
 
 A step costs T + 1 forward and backward passes of the whole encoder (BP: 1),
-plus one forward per rejected step. ``energies`` holds the last step's E at
+plus one forward per rejected step (and one where inference stops early). ``energies`` holds the last step's E at
 t = 0 .. T (t = 0: the feedforward latents, where every prediction error is
 0), which the trainer logs as ``energy_0 .. energy_T`` with the step size
 the inference ended with (`Step.metrics`): the energy curve.
@@ -39,9 +40,11 @@ from localssl.engine.step import Losses, Step, _amp, _norm_stats_kept, check_fin
 from localssl.models import BlockEncoder
 from localssl.rules import Inference, Rule
 
-#: Backtracking halves a step at most this many times (2^-30 of the size asked): a step that still raises
-#: the energy then is taken anyway (E is flat to rounding there).
-MAX_HALVINGS = 30
+#: Backtracking halves the step at most this many times per iteration (1/1024). A step that still raises
+#: the energy then is not taken and inference stops there: what E could still lose at that size is below
+#: its rounding (float32: ~1e-7 of E), and the remaining iterations would only spend time (their E is logged
+#: unchanged, so every curve has T + 1 values).
+MAX_HALVINGS = 10
 
 
 def check_inference_rule(rule: Rule) -> Inference:
@@ -111,17 +114,22 @@ def relax(encoder: BlockEncoder, rule: Rule, views: torch.Tensor, schedule: Infe
     energies = [e.detach()]
     eta = schedule.step_size
     for _ in range(schedule.iterations):
-        grads = torch.autograd.grad(e, xs)  # the latents' gradient only; frees this graph
-        for halvings in range(MAX_HALVINGS + 1):
+        grads = torch.autograd.grad(e, xs)  # the latents' gradient only; frees the graph of E
+        for _halving in range(MAX_HALVINGS + 1):
             with torch.no_grad():
                 cand = [(x - (eta * n) * g).requires_grad_() for x, g in zip(xs, grads)]
             cand_parts, cand_e = at(cand)
-            # Not <=: also rejects a NaN. Without backtracking every step is taken, as in the papers.
-            if not schedule.backtrack or bool(cand_e <= e) or halvings == MAX_HALVINGS:
+            # Without backtracking every step is taken, as in the papers. (cand_e <= e also rejects a NaN.)
+            if not schedule.backtrack or bool(cand_e <= e):
                 break
             eta /= 2
+        else:  # no size lowers E measurably: the latents stay where they are, E again for the update's graph
+            parts, e = at(xs)
+            eta *= 2  # the last size tried
+            break
         xs, parts, e = cand, cand_parts, cand_e
         energies.append(e.detach())
+    energies += [energies[-1]] * (schedule.iterations + 1 - len(energies))
     return Relaxed(xs, parts, energies, eta)
 
 
