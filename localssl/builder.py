@@ -20,6 +20,7 @@ import torch
 
 from localssl.config import OPTIMIZERS, ConfigError, TrainConfig, check_grids, replace
 from localssl.data.augment import VIEW_MAKERS
+from localssl.engine.inference import InferenceStep
 from localssl.engine.optim import LARS
 from localssl.engine.step import MicroBatchedStep, PlainStep, SequentialStep, Step
 from localssl.models import BlockEncoder, build_encoder, resolve_encoder_options
@@ -128,14 +129,20 @@ def build_views(cfg: TrainConfig, image_size: int, mean, std, crop_scale, device
 
 
 def build_step(cfg: TrainConfig, rule: Rule, total_steps: int) -> Step:
-    """How each step runs: the rule's schedule (sequential: an equal share of the run per group), else
-    micro-batched when ``cfg.micro_batch`` is set, else plain."""
+    """How each step runs: the rule's schedule (sequential: an equal share of the run per group; inference:
+    predictive coding's relaxation, with the rule's iterations and step size), else micro-batched when
+    ``cfg.micro_batch`` is set, else plain."""
     if rule.schedule == "sequential":
         if cfg.micro_batch is not None:
             raise ConfigError("micro_batch and sequential training do not combine: unset one of them")
         return SequentialStep(steps_per_group=max(1, math.ceil(total_steps / len(rule.groups()))))
+    if rule.schedule == "inference":
+        if cfg.micro_batch is not None:
+            raise ConfigError("micro_batch and the inference step do not combine: unset micro_batch")
+        return InferenceStep.for_rule(rule)
     if rule.schedule != "simultaneous":
-        raise ConfigError(f"rule {cfg.rule} asks for schedule {rule.schedule!r}; valid: simultaneous, sequential")
+        raise ConfigError(f"rule {cfg.rule} asks for schedule {rule.schedule!r}; valid: simultaneous, sequential, "
+                          "inference")
     if cfg.micro_batch is not None and cfg.micro_batch < 2 * cfg.batch_size:
         return MicroBatchedStep(cfg.micro_batch)
     return PlainStep()

@@ -8,6 +8,7 @@
     localssl align RUN_DIR
     localssl compare --rules RULE RULE ... --encoder resnet18 --dataset cifar10 --budget 2000
     localssl export RUN_DIR [--format safetensors|pt] [--out DIR]
+    localssl energy RUN_DIR
 
 Every ``train``/``probe``/``compare`` flag is generated from the fields of the config
 dataclasses, so the command line and the YAML files can never drift apart.
@@ -224,6 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
     from localssl.reports.compare import add_compare_parser
 
     add_compare_parser(sub)
+    from localssl.reports.energy import add_energy_parser
+
+    add_energy_parser(sub)
     return parser
 
 

@@ -33,6 +33,9 @@ class _Routed:
     def lr_span(self, *args):
         return self.step.lr_span(*args)
 
+    def metrics(self):
+        return self.step.metrics()
+
 
 @pytest.fixture
 def route_steps(monkeypatch):

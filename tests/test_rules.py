@@ -78,6 +78,11 @@ BP_RULES = [n for n in RULE_NAMES if n not in LOCAL_RULES]
 DISJOINT_RULES = [n for n in LOCAL_RULES
                   if len({b for g in build_rule(n, [(4,)] * 3, {}, grids=[1] * 3).groups() for b in g.blocks})
                   == sum(len(g.blocks) for g in build_rule(n, [(4,)] * 3, {}, grids=[1] * 3).groups())]
+# Rules whose groups each train on a loss of their own, back-propagated inside the group (Rule.group_losses):
+# the per-group contracts (routing by isolating one loss, per-group == summed backward, one optimizer step ==
+# one per group, micro-batching) are about that. Predictive coding's blocks learn from prediction errors that
+# its inference loop settles instead; tests/test_pc.py checks the local equivalents on its step.
+GROUP_LOSS_RULES = [n for n in RULE_NAMES if build_rule(n, [(4,)], {}, grids=[1]).group_losses]
 # Rules whose loss has a feedback matrix B (the CLAPP++ family; the others' heads are projections).
 FEEDBACK_RULES = [n for n in RULE_NAMES if "feedback" in {f.name for f in fields(RULES.get(n).options)}]
 N_IMAGES = 4  # B images -> 2B = 8 stacked views
@@ -242,6 +247,14 @@ def test_registry_names_and_counterparts():
         assert local in LOCAL_RULES and bp in BP_RULES
 
 
+def test_only_inference_rules_opt_out_of_the_per_group_contracts():
+    """A rule without group losses (Rule.group_losses False) trains through the inference step, which
+    tests/test_pc.py checks instead; no other rule may leave the per-group contracts."""
+    for name in sorted(set(RULE_NAMES) - set(GROUP_LOSS_RULES)):
+        rule = build_rule(name, [(4,)], {}, grids=[1])
+        assert rule.schedule == "inference" and rule.inference is not None, name
+
+
 def test_unknown_rule_name_lists_valid_names():
     with pytest.raises(KeyError) as e:
         build_rule("clap++", [(4, 8, 8)], {}, grids=[1])
@@ -284,7 +297,7 @@ def test_parameter_ownership(name, case):
 # ------------------------------------------------------ (a) gradient routing
 
 
-@pytest.mark.parametrize("name", RULE_NAMES)
+@pytest.mark.parametrize("name", GROUP_LOSS_RULES)
 @pytest.mark.parametrize("case, micro_batch", [(c, None) for c in CASES] + [(c, 3) for c in ROW_WISE_CASES])
 def test_gradient_routing(name, case, micro_batch, monkeypatch):
     """Loss k reaches block k's parameters and group k's rule parameters, and nothing else.
@@ -328,7 +341,7 @@ def test_routing_probe_sees_a_missing_detach():
     assert "enc.blocks.3.0.weight" not in got
 
 
-@pytest.mark.parametrize("name", LOCAL_RULES)
+@pytest.mark.parametrize("name", [n for n in LOCAL_RULES if n in GROUP_LOSS_RULES])
 def test_detached_input_reaches_no_previous_block(name):
     """Group k run on the detached output of the block below it: that block gets no gradient, the group's do."""
     enc, rule, views = setup(name, supported_case(name, "vgg"))
@@ -346,7 +359,7 @@ def test_detached_input_reaches_no_previous_block(name):
         assert all(p.grad is not None for b in group.blocks for p in enc.blocks[b].parameters())
 
 
-@pytest.mark.parametrize("name", LOCAL_RULES)
+@pytest.mark.parametrize("name", [n for n in LOCAL_RULES if n in GROUP_LOSS_RULES])
 @pytest.mark.parametrize("case", CASES)
 def test_per_group_backward_equals_summed_backward(name, case):
     """train_step's per-group backward gives the reference code's gradients (sum of losses, one backward)."""
@@ -366,7 +379,7 @@ def test_per_group_backward_equals_summed_backward(name, case):
     torch.testing.assert_close(torch.stack(losses), torch.stack(paper_losses), rtol=1e-6, atol=0)
 
 
-@pytest.mark.parametrize("name", LOCAL_RULES)
+@pytest.mark.parametrize("name", [n for n in LOCAL_RULES if n in GROUP_LOSS_RULES])
 def test_block_by_block_adamw_equals_one_adamw_on_summed_loss(name):
     """Three block-by-block steps (train_step) == AdamW on the reference's summed loss (float64).
 
@@ -400,7 +413,7 @@ def test_block_by_block_adamw_equals_one_adamw_on_summed_loss(name):
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "lars"])
-@pytest.mark.parametrize("name", DISJOINT_RULES)
+@pytest.mark.parametrize("name", [n for n in DISJOINT_RULES if n in GROUP_LOSS_RULES])
 def test_one_step_at_the_end_equals_a_step_after_every_group(name, optimizer):
     """train_step's single optimizer step at the end == one optimizer per group, stepped right after its backward.
 
@@ -481,7 +494,7 @@ def test_top_context_is_the_no_grad_top_output(name, monkeypatch):
 # ------------------------------------------------------ micro-batching inside a step
 
 
-@pytest.mark.parametrize("name", RULE_NAMES)
+@pytest.mark.parametrize("name", GROUP_LOSS_RULES)
 @pytest.mark.parametrize("case", ROW_WISE_CASES)
 @pytest.mark.parametrize("micro_batch", [1, 3, 4])
 def test_micro_batched_step_gives_the_plain_gradients(name, case, micro_batch):

@@ -32,7 +32,7 @@ def _weights(run_dir):
     return load_checkpoint(run_dir / CHECKPOINT)["encoder"]
 
 
-@pytest.mark.parametrize("rule", ["clapp++", "bp-infonce"])
+@pytest.mark.parametrize("rule", ["clapp++", "bp-infonce", "pc"])  # pc: its own step, predictive coding's inference
 def test_resume_mid_epoch_matches_uninterrupted(tmp_path, route_steps, monkeypatch, rule):
     """A crash after step 4 (last checkpoint: step 3, mid-epoch) + --resume == one clean run."""
     clean = train(tiny_cfg(tmp_path, rule=rule, out=str(tmp_path / "clean")))

@@ -3,7 +3,8 @@
 The step is a seam (`Step`): the loop in `engine.trainer` calls
 ``step(encoder, rule, optimizer, views, index)`` and never looks inside, so a
 new way to run a step (pipelined across devices, iterative inference) is one
-more class here, not a change to the loop. Three exist:
+more class here, not a change to the loop. Three exist here (and
+`localssl.engine.inference.InferenceStep`, predictive coding's):
 - `PlainStep`: groups one after another; each group's graph is freed before
   the next is built, so the activation memory is one group's, not the sum.
 - `MicroBatchedStep`: the same gradient, holding one chunk of views at a time
@@ -74,6 +75,10 @@ class Step(ABC):
         """
         return index, total
 
+    def metrics(self) -> dict[str, float]:
+        """What the last step measured beyond its losses, for the metric log (default: nothing)."""
+        return {}
+
 
 def train_step(
     encoder: BlockEncoder,
@@ -86,10 +91,20 @@ def train_step(
 ) -> list[torch.Tensor]:
     """One plain step (or micro-batched, with chunks of ``micro_batch`` views); every group's loss.
 
-    A chunk as large as the batch is the plain step.
+    A chunk as large as the batch is the plain step. A rule whose schedule is
+    "inference" (predictive coding) learns only through its own step,
+    `localssl.engine.inference.InferenceStep`, which this runs instead.
     """
     n = views.x.shape[0] if isinstance(views, ViewBatch) else views.shape[0]
-    step: Step = PlainStep() if micro_batch is None or micro_batch >= n else MicroBatchedStep(micro_batch)
+    step: Step
+    if rule.schedule == "inference":
+        from localssl.engine.inference import InferenceStep  # it builds on this module
+
+        if micro_batch is not None and micro_batch < n:
+            raise ValueError("micro-batching and the inference step do not combine: unset micro_batch")
+        step = InferenceStep.for_rule(rule)
+    else:
+        step = PlainStep() if micro_batch is None or micro_batch >= n else MicroBatchedStep(micro_batch)
     return step(encoder, rule, optimizer, views, device=device, amp_dtype=amp_dtype)  # type: ignore[return-value]
 
 

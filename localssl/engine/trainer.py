@@ -416,7 +416,7 @@ def _train(cfg: TrainConfig, resume: bool, out: Path) -> Path:
                 last_loss = sum(v for v in vals.values() if v is not None)
                 row = {"step": step, "epoch": step / batches.steps_per_epoch, "loss": last_loss,
                        **{f"loss_{g + 1}": v for g, v in vals.items()}, "lr": optimizer.param_groups[0]["lr"],
-                       "images_per_s": ips}
+                       "images_per_s": ips, **step_fn.metrics()}
                 log.log(row)
                 bar.set_postfix(loss=f"{last_loss:.4f}", img_s=f"{ips:.0f}")
             bar.update(1)

@@ -6,8 +6,8 @@ registers itself next to its code; the trainer never sees rule names.
 """
 from __future__ import annotations
 
-from localssl.rules import blockwise, bp, clapp, fixed_feedback, patches, scff  # noqa: F401  (registers the rules)
-from localssl.rules.base import FEEDBACK_KINDS, Group, Rule, RuleOptions, check_groups
+from localssl.rules import blockwise, bp, clapp, fixed_feedback, patches, pc, scff  # noqa: F401  (registers the rules)
+from localssl.rules.base import FEEDBACK_KINDS, Group, Inference, Rule, RuleOptions, check_groups
 from localssl.rules.blockwise import Blockwise, Head, inject_noise
 from localssl.rules.bp import BPInfoNCE, InfoNCEOptions
 from localssl.rules.clapp import BPCLAPPPlusPlus, CLAPPPlusPlus, ContrastiveOptions, Feedback
@@ -26,16 +26,18 @@ from localssl.rules.losses import (
     vicreg,
 )
 from localssl.rules.patches import CLAPP2021Options, CPCOptions, PatchPredictive
+from localssl.rules.pc import PCOptions, PredictiveCoding
 from localssl.rules.registry import RULES, bp_counterpart, build_rule, register_rule, resolve_rule_options, rule_options
 from localssl.rules.scff import SCFF, SCFFOptions
 
 __all__ = [
-    "RULES", "FEEDBACK_KINDS", "Group", "Rule", "RuleOptions", "build_rule", "check_groups", "register_rule",
-    "rule_options", "resolve_rule_options", "bp_counterpart",
+    "RULES", "FEEDBACK_KINDS", "Group", "Inference", "Rule", "RuleOptions", "build_rule", "check_groups",
+    "register_rule", "rule_options", "resolve_rule_options", "bp_counterpart",
     "Blockwise", "Head", "inject_noise",
     "SCFF", "SCFFOptions", "PatchPredictive", "CPCOptions", "CLAPP2021Options",
     "CLAPPPlusPlus", "BPCLAPPPlusPlus", "ContrastiveOptions", "BPInfoNCE", "InfoNCEOptions", "Feedback",
     "ForwardForward", "FFOptions", "DirectFeedbackAlignment", "DFAOptions",
+    "PCOptions", "PredictiveCoding",
     "CONTRASTIVE_F", "contrastive_loss", "info_nce", "info_nce_symmetric", "nt_xent", "barlow_twins", "vicreg",
     "INFONCE_LOSSES", "scores", "spatial_pool", "swap_views",
 ]

@@ -66,6 +66,27 @@ def check_groups(groups: Sequence[Group], num_blocks: int) -> None:
         raise ValueError(f"blocks {[b + 1 for b in untrained]} belong to no group and would never train")
 
 
+@dataclass(frozen=True)
+class Inference:
+    """How a rule with schedule "inference" relaxes its latents in every step (`localssl.engine.inference`).
+
+    ``iterations`` gradient steps of size ``step_size`` (per view) on the
+    energy; ``backtrack``: a step that would raise the energy is retried at
+    half the size (for the rest of that training step), so the energy never
+    rises whatever the size asked for.
+    """
+
+    iterations: int
+    step_size: float
+    backtrack: bool = False
+
+    def __post_init__(self) -> None:
+        if self.iterations < 0:
+            raise ValueError(f"iterations must be >= 0, got {self.iterations}")
+        if not self.step_size >= 0:
+            raise ValueError(f"step_size must be >= 0, got {self.step_size}")
+
+
 @dataclass
 class RuleOptions:
     """Base of a rule's own options: one small dataclass per rule family (STYLE principle 11).
@@ -98,9 +119,18 @@ class Rule(nn.Module):
     needs_top_context: bool = False
     #: Smallest number of images per batch for which the loss is defined.
     min_batch: int = 2
-    #: How the groups train: all every step ("simultaneous") or one after the other ("sequential",
-    #: `localssl.engine.step.SequentialStep`).
+    #: How the groups train: all every step ("simultaneous"), one after the other ("sequential",
+    #: `localssl.engine.step.SequentialStep`), or from prediction errors settled by iterative inference
+    #: on latent activities ("inference", predictive coding: `localssl.engine.inference.InferenceStep`,
+    #: which reads `inference`, `prediction_energy` and the top group's `loss` as the top energy term).
     schedule: str = "simultaneous"
+    #: True: every group trains on its own loss, back-propagated through its own blocks from a detached input
+    #: (what the per-group contracts of tests/test_rules.py check). False (predictive coding): a block's update
+    #: is the gradient of its own prediction error at latents that the inference loop settled, so one group's
+    #: loss cannot be isolated, summed or micro-batched; such a rule's own tests check the local equivalent.
+    group_losses: bool = True
+    #: Schedule "inference": how the latent activities relax in every training step.
+    inference: Inference | None = None
     #: The view maker the rule trains on (`localssl.data.augment.VIEW_MAKERS`) and the layout of its batches.
     view_maker: str = "simclr"
     layout: ViewLayout = ViewLayout(2, "rows")
@@ -180,6 +210,11 @@ class Rule(nn.Module):
     def group_parameters(self, g: int) -> list[nn.Parameter]:
         """The rule's own trainable parameters that group ``g``'s loss trains."""
         return []
+
+    def prediction_energy(self, block: int, x: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
+        """Schedule "inference": the energy of block ``block``'s prediction error, latent ``x`` against the
+        prediction ``mu`` that the block makes of it from the latent below; a scalar, averaged over the views."""
+        raise NotImplementedError(f"{type(self).__name__} has no prediction energy (schedule {self.schedule!r})")
 
     def extra_repr(self) -> str:
         return f"local={self.local}, groups={len(self.groups())}"
