@@ -450,3 +450,17 @@ def test_train_and_probe_a_patch_rule(tmp_path, rule):
     probe = json.loads((out / "probe.json").read_text())
     assert probe["grids"] == [7, 7, 7] and probe["rule"] == rule
     assert 0.0 <= probe["fast_last"]["test_acc"] <= 1.0
+
+
+def test_bench_steps_a_one_view_rule_on_view_1_of_each_image():
+    # The bench (and compare's speed and memory) hands a one-view rule the first B of its 2B random rows:
+    # B images per step, as for every other rule.
+    from localssl.data.augment import ViewLayout
+    from localssl.reports.bench.common import build_state, in_layout, random_views
+
+    v = random_views(3, 32, torch.device("cpu"), channels_last=False, seed=0)
+    one = in_layout(v, ViewLayout(1, "rows"))
+    assert torch.equal(one.x, v[:3]) and one.images == 3
+    state = build_state("gim", "vgg6-patches", 1 / 16, 64, torch.device("cpu"), None, False, seed=0)
+    losses = state.step(random_views(4, 64, torch.device("cpu"), channels_last=False, seed=0))
+    assert len(losses) == 6 and all(torch.isfinite(x) for x in losses)

@@ -155,9 +155,13 @@ def random_views(batch_size: int, image_size: int, device: torch.device, channel
 def in_layout(views: torch.Tensor, layout: ViewLayout) -> torch.Tensor | ViewBatch:
     """The bench's (2B, C, H, W) rows (`random_views`) as a batch in ``layout``: every rule steps on the same
     numbers. Rows: as they are; channels: view 2 beside view 1, (B, 2C, H, W); pairs: the 2B rows are read as B
-    positive and B negative pair rows, each of C channels (`localssl.data.pairs`), the same shape."""
+    positive and B negative pair rows, each of C channels (`localssl.data.pairs`), the same shape; one view
+    per image (the patch rules): view 1 of each image, B rows, so that a step still holds B images (and a
+    one-view rule does half the per-image work of a two-view one, which its images/s then shows)."""
     if layout == ViewLayout():
         return views
+    if layout == ViewLayout(1, "rows"):
+        return ViewBatch(views[: views.shape[0] // 2], layout)
     if layout.n != 2:
         raise ValueError(f"the bench makes two views per image; a rule reading {layout} needs its own bench views")
     if layout.stacking == "channels":
