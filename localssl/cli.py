@@ -69,7 +69,7 @@ _HELP = {
 
 
 # Short spellings of generated flags.
-_ALIASES = {"encoder_options": ("--encoder-opt",), "rule_options": ("--rule-opt",)}
+_ALIASES = {"encoder_options": ("--encoder-opt",), "rule_options": ("--rule-opt",), "recipes": ("--recipe",)}
 
 
 def add_dataclass_flags(p: argparse.ArgumentParser, cls: type, skip: set[str] = frozenset(),

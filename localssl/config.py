@@ -138,6 +138,11 @@ class CompareConfig:
     # rule name -> that rule's own options (YAML: a mapping of mappings; command line:
     # RULE:KEY=VALUE, which __post_init__ nests); a rule not listed: its defaults.
     rule_options: dict[str, Any] | None = None
+    # rule name -> its own recipe, for a rule that needs another encoder or input than the others (the patch
+    # rules run per patch): RECIPE_KEYS only (what the rule sees, never how long or how fast it trains).
+    # YAML: {RULE: {encoder: vgg6-patches, resize: 64}}; command line: RULE:KEY=VALUE and
+    # RULE:encoder_options.KEY=VALUE. A rule without one: the shared encoder and input.
+    recipes: dict[str, Any] | None = None
     dataset: str = "shapes10"
     data_dir: str | None = None
     subset: int | None = None
@@ -173,9 +178,42 @@ class CompareConfig:
 
     def __post_init__(self) -> None:
         self.rule_options = nest_rule_options(self.rule_options)
+        self.recipes = nest_recipes(self.recipes)
 
 
-def nest_rule_options(options: dict[str, Any] | None) -> dict[str, dict[str, Any]] | None:
+#: What a comparison's recipe may set for one rule (`CompareConfig.recipes`): its encoder and its input.
+RECIPE_KEYS = ("encoder", "width", "encoder_options", "resize", "grids", "crop_scale")
+
+
+def nest_recipes(recipes: dict[str, Any] | None) -> dict[str, dict[str, Any]] | None:
+    """``{"gim:encoder": "vgg6-patches", "gim:encoder_options.patch": "8"}`` as ``{"gim": {"encoder":
+    "vgg6-patches", "encoder_options": {"patch": "8"}}}``; keys outside `RECIPE_KEYS` are errors."""
+    nested = nest_rule_options(recipes, "recipes")
+    if not nested:
+        return None
+    out: dict[str, dict[str, Any]] = {}
+    for rule, recipe in nested.items():
+        if not isinstance(recipe, dict):
+            raise ConfigError(f"CompareConfig.recipes: {shown(rule)} must map to a recipe, got {shown(recipe)}")
+        flat: dict[str, Any] = {}
+        for key, value in recipe.items():
+            head, dot, sub = str(key).partition(".")
+            if head not in RECIPE_KEYS or (dot and head != "encoder_options") or (dot and not sub):
+                raise ConfigError(f"CompareConfig.recipes of {rule}: unknown key {shown(key)}; valid: "
+                                  f"{', '.join(RECIPE_KEYS)} (and encoder_options.KEY)")
+            if dot:
+                opts = flat.setdefault("encoder_options", {})
+                if not isinstance(opts, dict):
+                    raise ConfigError(f"CompareConfig.recipes of {rule}: encoder_options must be a mapping")
+                opts[sub] = value
+            else:
+                flat[head] = value if head != "encoder_options" else {**dict(value or {}), **flat.get(head, {})}
+        out[rule] = flat
+    return out
+
+
+def nest_rule_options(options: dict[str, Any] | None, field_name: str = "rule_options"
+                      ) -> dict[str, dict[str, Any]] | None:
     """``{"A:overlap": "2", "B": {"temperature": 0.2}}`` as ``{"A": {"overlap": "2"}, "B": {...}}`` (A, B: rules).
 
     The command line gives one rule's option as ``RULE:KEY=VALUE`` (a rule
@@ -189,12 +227,12 @@ def nest_rule_options(options: dict[str, Any] | None) -> dict[str, dict[str, Any
         rule, sep, opt = key.partition(":")
         if sep:
             if not rule or not opt:
-                raise ConfigError(f"CompareConfig.rule_options: expected RULE:KEY=VALUE, got {shown(key)}")
+                raise ConfigError(f"CompareConfig.{field_name}: expected RULE:KEY=VALUE, got {shown(key)}")
             nested.setdefault(rule, {})[opt] = value
         elif isinstance(value, dict):
             nested[key] = {**value, **nested.get(key, {})}
         else:
-            raise ConfigError(f"CompareConfig.rule_options: {shown(key)} must map a rule to its options (YAML) or "
+            raise ConfigError(f"CompareConfig.{field_name}: {shown(key)} must map a rule to its options (YAML) or "
                               f"be RULE:KEY (command line), got {shown(value)}")
     return nested
 
@@ -567,7 +605,8 @@ def validate_probe(cfg: ProbeConfig) -> None:
 
 
 __all__ = [
-    "ConfigError", "TrainConfig", "ProbeConfig", "CompareConfig", "nest_rule_options", "from_dict", "to_dict",
+    "ConfigError", "TrainConfig", "ProbeConfig", "CompareConfig", "nest_rule_options", "nest_recipes", "RECIPE_KEYS",
+    "from_dict", "to_dict",
     "load_yaml", "save_yaml", "replace", "parse_key_values", "validate_train", "validate_probe", "check_grids",
     "check_shapes", "check_normalization", "OPTIMIZERS", "LR_SCHEDULES",
 ]

@@ -202,3 +202,50 @@ def test_every_rule_trains_with_the_comparisons_optimizer_and_schedule():
         assert (t.optimizer, t.momentum, t.lr, t.weight_decay, t.lr_schedule, t.warmup_steps, t.min_lr) == (
             "lars", 0.8, 0.2, 1e-6, "cosine", 1, 0.01)
     assert train_config(CompareConfig(rules=["loco"], budget=1), "loco").optimizer == "adamw"
+
+
+def test_a_recipe_gives_one_rule_its_own_encoder_and_input(tmp_path):
+    # The patch rules run on a patched encoder: a recipe says so for them alone, and nothing else of theirs differs.
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"rules": ["clapp++global", "gim"], "budget": 2, "encoder_options": {"pool": "max"},
+                                    "recipes": {"gim": {"encoder": "vgg6-patches", "resize": 48}}}))
+    args = build_parser().parse_args(["compare", "--config", str(path), "--recipe", "gim:encoder_options.patch=16",
+                                      "--rule-opt", "gim:crop=32"])
+    with pytest.raises(ConfigError):  # vgg6 takes no option "pool": the shared encoder's options are checked
+        train_config(resolve_args(CompareConfig, args), "clapp++global")
+    path.write_text(yaml.safe_dump({"rules": ["clapp++global", "gim"], "budget": 2, "encoder_options": {},
+                                    "recipes": {"gim": {"encoder": "vgg6-patches", "resize": 48}}}))
+    cfg = resolve_args(CompareConfig, args)
+    assert cfg.recipes == {"gim": {"encoder": "vgg6-patches", "resize": 48, "encoder_options": {"patch": "16"}}}
+    own, shared = train_config(cfg, "gim"), train_config(cfg, "clapp++global")
+    assert (own.encoder, own.resize, own.encoder_options["patch"]) == ("vgg6-patches", 48, 16)
+    assert own.grids == [5] * 6 and shared.grids == [8, 4, 4, 4, 2, 2]  # each encoder's own grids, at its size
+    assert (shared.encoder, shared.resize) == ("vgg6", None)
+    assert (own.lr, own.max_steps, own.batch_size, own.seed) == (shared.lr, shared.max_steps, shared.batch_size,
+                                                                 shared.seed)
+    for bad, match in (({"recipes": {"gim": {"lr": 1.0}}}, r"recipes of gim: unknown key 'lr'; valid: encoder"),
+                       ({"recipes": {"gim": {"rule_options.crop": 1}}}, "unknown key"),
+                       ({"recipes": {"loco": {"width": 0.5}}}, "recipes for loco, which is not compared")):
+        with pytest.raises(ConfigError, match=match):
+            run_compare(replace(cfg, out=str(tmp_path / "never"), **bad))
+
+
+def test_rules_of_another_recipe_get_their_own_random_init_row_and_baseline(tmp_path):
+    out = tmp_path / "out"
+    assert main(["compare", "--rules", "clapp++global", "gim", "--width", "0.0625",
+                 "--recipe", "gim:encoder=vgg6-patches", "--rule-opt", "gim:crop=32", "--dataset", "shapes10",
+                 "--subset", "64", "--budget", "1", "--batch-size", "16", "--amp", "off", "--probes", "fast",
+                 "--probe-epochs", "2", "--probe-train-subset", "50", "--probe-test-subset", "50",
+                 "--measure-steps", "1", "--measure-warmup", "0", "--measure-rounds", "1", "--out", str(out)]) == 0
+    rows = {r["rule"]: r for r in _csv(out)}
+    assert list(rows) == ["clapp++global", "gim", "random-init", "random-init (gim)"]
+    own = json.loads((out / "gim" / "probe-random-init.json").read_text())
+    assert own["random_init"] and own["encoder"] == "vgg6-patches"
+    measured = json.loads((out / "measurements.json").read_text())
+    # Each rule against the end-to-end rule of its own recipe: never a ratio across two encoders.
+    assert measured["rules"]["clapp++global"]["baseline"] == "bp-clapp++"
+    assert measured["rules"]["gim"]["baseline"] == "bp-cpc"
+    gim = measured["rules"]["gim"]
+    assert float(rows["gim"]["images_per_s_vs_bp"]) == pytest.approx(
+        gim["images_per_s"] / measured["rules"]["bp-cpc"]["images_per_s"], abs=1e-3)
+    assert "own recipes (encoder and input) gim: encoder=vgg6-patches" in (out / "compare.md").read_text()

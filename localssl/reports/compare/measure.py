@@ -44,63 +44,85 @@ def baseline(tcfgs: dict[str, TrainConfig]) -> tuple[str | None, dict[str, Any] 
     return (other, options_for(other, tcfgs[first].rule_options)) if other else (None, None)
 
 
-def measure_rules(cfg: CompareConfig, tcfgs: dict[str, TrainConfig], out: Path,
-                  log: Callable[[str], None]) -> dict[str, Any]:
-    """Images/s and peak activation bytes per step of every rule of ``tcfgs`` (and the baseline).
+def measure_rules(cfg: CompareConfig, tcfgs: dict[str, TrainConfig], out: Path, log: Callable[[str], None],
+                  groups: dict[str, list[str]] | None = None) -> dict[str, Any]:
+    """Images/s and peak activation bytes per step of every rule of ``tcfgs`` (and the baselines).
 
-    Returns ``{"key", "baseline", "rules": {rule: {"local", "images_per_s",
-    "peak_activation_bytes"} or {"error"}}, "env", ...}``, or ``{"skipped":
-    why}`` where the bench cannot measure this data set's images.
+    ``groups``: the rules by recipe (`run.recipe_groups`; default: one). The
+    rules of one recipe are measured together on its encoder and input, the
+    rules interleaved, against the recipe's end-to-end rule (`baseline`);
+    rules of different recipes are never put in one ratio. Returns ``{"key",
+    "baseline" (the first recipe's), "rules": {rule: {"local", "images_per_s",
+    "peak_activation_bytes", "baseline"} or {"error"}}, "env", ...}``, or
+    ``{"skipped": why}`` where the bench cannot measure this data set's images.
     """
     import torch
 
     from localssl.data import dataset_spec
     from localssl.engine.runtime import environment_info, resolve_amp, resolve_device
     from localssl.reports.bench.common import dtype_name
-    from localssl.reports.bench.memory import measure_memory
-    from localssl.reports.bench.speed import Schedule, measure_speed
 
     spec = dataset_spec(cfg.dataset)
-    size = cfg.resize or spec.image_size
-    if size is None or spec.channels != 3:
+    groups = groups or {"": list(tcfgs)}
+    if spec.channels != 3 or any((tcfgs[m[0]].resize or spec.image_size) is None for m in groups.values()):
         # The bench's random views are 3-channel squares of a known side.
         return {"skipped": f"the bench measures 3-channel images of a known size; {cfg.dataset} has "
-                           f"{spec.channels} channel(s) at {size or 'a size known once read'} px"}
+                           f"{spec.channels} channel(s) at {cfg.resize or spec.image_size or 'a size known once read'}"
+                           " px"}
     dev = resolve_device(cfg.device)
     amp_dtype = resolve_amp(cfg.amp, dev)
-    base, base_options = baseline(tcfgs)
-    options = {r: c.rule_options for r, c in tcfgs.items()}
-    if base is not None and base not in options:
-        options[base] = base_options
-    names = list(options)
-    encoder_options = next(iter(tcfgs.values())).encoder_options
-    key = {"rules": names, "rule_options": options, "encoder": cfg.encoder, "width": cfg.width,
-           "encoder_options": encoder_options, "image_size": size, "batch_size": cfg.batch_size,
-           "precision": dtype_name(amp_dtype), "device": str(dev), "seed": cfg.seed, "channels_last": True,
+    plans = []
+    for members in groups.values():
+        group = {r: tcfgs[r] for r in members}
+        base, base_options = baseline(group)
+        options = {r: c.rule_options for r, c in group.items()}
+        if base is not None and base not in options:
+            options[base] = base_options
+        t0 = group[members[0]]
+        plans.append({"rules": list(options), "rule_options": options, "baseline": base, "encoder": t0.encoder,
+                      "width": t0.width, "encoder_options": t0.encoder_options,
+                      "image_size": t0.resize or spec.image_size})
+    key = {"groups": plans, "batch_size": cfg.batch_size, "precision": dtype_name(amp_dtype), "device": str(dev),
+           "seed": cfg.seed, "channels_last": True,
            "schedule": [cfg.measure_steps, cfg.measure_warmup, cfg.measure_rounds]}
     path = out / MEASUREMENTS
     cached = read_json(path)
     if cached is not None and cached.get("key") == json.loads(json.dumps(key)):
         log(f"speed and memory: skipped: measured before ({path})")
         return cached
-    log(f"speed and memory: measuring {', '.join(names)} (interleaved rounds of {cfg.measure_steps} step(s) each) "
-        "...")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    quiet: Callable[[str], None] = lambda msg: None  # noqa: E731 - the bench's per-round lines
-    speed = measure_speed(names, cfg.encoder, [cfg.width], [dtype_name(amp_dtype)],
-                          [Schedule(cfg.measure_steps, cfg.measure_warmup, cfg.measure_rounds)], size, cfg.batch_size,
-                          dev, True, True, False, False, None, cfg.seed, quiet, encoder_options=encoder_options,
-                          rule_options=options)
-    memory = measure_memory(names, cfg.encoder, cfg.width, size, cfg.batch_size, dev, amp_dtype, True, None,
-                            cfg.seed, quiet, encoder_options=encoder_options, rule_options=options)
-    rules = _per_rule(names, speed["entries"][0]["rules"], memory["rules"])
-    result = {"key": key, "baseline": base, "rules": rules, "env": environment_info(dev),
-              "speed_unit": speed["unit"], "memory": "peak bytes autograd holds for backward in one step "
-              f"of {2 * cfg.batch_size} views (parameters apart)"}
+    rules: dict[str, dict[str, Any]] = {}
+    speed_unit = None
+    for plan in plans:
+        log(f"speed and memory: measuring {', '.join(plan['rules'])} on {plan['encoder']} at {plan['image_size']} px "
+            f"(interleaved rounds of {cfg.measure_steps} step(s) each) ...")
+        measured, speed_unit = _measure(cfg, plan, dev, amp_dtype)
+        rules.update({r: {**m, "baseline": plan["baseline"]} if "error" not in m else m for r, m in measured.items()})
+    result = {"key": key, "baseline": plans[0]["baseline"], "rules": rules, "env": environment_info(dev),
+              "speed_unit": speed_unit, "memory": "peak bytes autograd holds for backward in one step "
+              f"of {cfg.batch_size} images (parameters apart)"}
     with atomic_file(path, "w") as fh:
         fh.write(json.dumps(result, indent=2))
     return result
+
+
+def _measure(cfg: CompareConfig, plan: dict[str, Any], dev, amp_dtype) -> tuple[dict[str, dict[str, Any]], Any]:
+    """One recipe's rules, interleaved (speed), then one by one (memory)."""
+    from localssl.reports.bench.common import dtype_name
+    from localssl.reports.bench.memory import measure_memory
+    from localssl.reports.bench.speed import Schedule, measure_speed
+
+    quiet: Callable[[str], None] = lambda msg: None  # noqa: E731 - the bench's per-round lines
+    names, size = plan["rules"], plan["image_size"]
+    speed = measure_speed(names, plan["encoder"], [plan["width"]], [dtype_name(amp_dtype)],
+                          [Schedule(cfg.measure_steps, cfg.measure_warmup, cfg.measure_rounds)], size, cfg.batch_size,
+                          dev, True, True, False, False, None, cfg.seed, quiet,
+                          encoder_options=plan["encoder_options"], rule_options=plan["rule_options"])
+    memory = measure_memory(names, plan["encoder"], plan["width"], size, cfg.batch_size, dev, amp_dtype, True, None,
+                            cfg.seed, quiet, encoder_options=plan["encoder_options"],
+                            rule_options=plan["rule_options"])
+    return _per_rule(names, speed["entries"][0]["rules"], memory["rules"]), speed["unit"]
 
 
 def _per_rule(names: Sequence[str], speed_rows: Sequence[dict[str, Any]],

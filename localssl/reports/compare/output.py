@@ -51,20 +51,24 @@ def _num(x: float | None, fmt: str) -> str:
 
 
 def table_rows(rules: Sequence[str], probes: dict[str, dict[str, Any]], local: dict[str, bool],
-               steps: dict[str, int], measured: dict[str, Any], env: dict[str, Any]) -> tuple[list[str], list[dict]]:
-    """(columns, rows) of ``compare.csv``: ``probes`` maps every rule and `RANDOM_INIT` to its probe result."""
-    labels = [*rules, RANDOM_INIT]
+               steps: dict[str, int], measured: dict[str, Any], env: dict[str, Any],
+               random_inits: Sequence[str] = (RANDOM_INIT,)) -> tuple[list[str], list[dict]]:
+    """(columns, rows) of ``compare.csv``: ``probes`` maps every rule and random-init label to its probe result
+    (one random-init row per recipe, `run.recipe_groups`)."""
+    labels = [*rules, *random_inits]
     cols = [(k, f) for k, f, _ in probe_columns([probes[x] for x in labels])
             if any(isinstance(probes[x].get(k), dict) and f in probes[x][k] for x in labels)]
     per_rule = measured.get("rules", {})
-    base = per_rule.get(measured.get("baseline") or "", {})
+    main_base = per_rule.get(measured.get("baseline") or "", {})
     p0 = probes[labels[0]]
     rows = []
     for x in labels:
         p = probes[x]
         m = per_rule.get(x, {})
         ips, mem = m.get("images_per_s"), m.get("peak_activation_bytes")
-        row = {"rule": x, "local": "" if x == RANDOM_INIT else str(local[x]).lower(), "steps": steps.get(x, 0)}
+        # Each rule is read against the end-to-end rule measured on its recipe (`measure_rules`; none: no ratio).
+        base = per_rule.get(m["baseline"] or "", {}) if "baseline" in m else main_base
+        row = {"rule": x, "local": "" if x in random_inits else str(local[x]).lower(), "steps": steps.get(x, 0)}
         for k, f in cols:
             v = p.get(k)
             row[column_name(k, f)] = f"{100 * v[f]:.2f}" if isinstance(v, dict) and f in v else ""
@@ -131,6 +135,9 @@ def markdown(csv_path: Path, cfg: CompareConfig, baseline: str | None,
     enc_opts = ", ".join(f"{k}={v}" for k, v in (cfg.encoder_options or {}).items())
     rule_opts = "; ".join(f"{r}: " + ", ".join(f"{k}={v}" for k, v in o.items())
                           for r, o in (cfg.rule_options or {}).items())
+    recipes = "; ".join(f"{r}: " + ", ".join(f"{k}={v}" for k, v in o.items()) for r, o in (cfg.recipes or {}).items())
+    own = (f"; own recipes (encoder and input) {recipes}, each with its own random-init row, its speed and memory "
+           "read against the end-to-end rule of its recipe" if recipes else "")
     protocols = ", ".join(cfg.probes)
     epochs = f"fast and blocks: {cfg.probe_epochs} epochs on frozen features"
     if any(p in cfg.probes for p in ("paper", "paper-bn")):
@@ -145,7 +152,8 @@ def markdown(csv_path: Path, cfg: CompareConfig, baseline: str | None,
     lines += ["", (
         f"{cfg.dataset}{f' (subset {cfg.subset})' if cfg.subset else ''}, {cfg.encoder} width {cfg.width:g}"
         f"{f' ({enc_opts})' if enc_opts else ''}; budget {cfg.budget} steps x {cfg.batch_size} images, AdamW lr "
-        f"{cfg.lr:g}, seed {cfg.seed}, amp {cfg.amp}{f'; rule options {rule_opts}' if rule_opts else ''}. "
+        f"{cfg.lr:g}, seed {cfg.seed}, amp {cfg.amp}{f'; rule options {rule_opts}' if rule_opts else ''}"
+        f"{own}. "
         f"Probes ({protocols}; test accuracy %, {r0.get('probe_train_images', '?')} train / "
         f"{r0.get('probe_test_images', '?')} test images; {epochs}); random-init: the same probes on an untrained "
         f"encoder of the same shape (seed {cfg.seed}: the weights training started from). {speed}. "

@@ -33,7 +33,15 @@ from localssl.reports.compare.output import (
     table_rows,
     write_csv,
 )
-from localssl.reports.compare.runs import is_local, probe_config, probe_reason, read_json, run_state, train_config
+from localssl.reports.compare.runs import (
+    is_local,
+    probe_config,
+    probe_reason,
+    read_json,
+    recipe_key,
+    run_state,
+    train_config,
+)
 
 Log = Callable[[str], None]
 
@@ -64,10 +72,11 @@ def validate_compare(cfg: CompareConfig) -> None:
         raise ConfigError(f"unknown rule(s) {', '.join(unknown)}; valid: {', '.join(RULES.names())}")
     if cfg.budget is None or cfg.budget < 1:
         raise ConfigError(f"compare needs --budget STEPS >= 1 (the training steps of every rule), got {cfg.budget}")
-    extra = sorted(set(cfg.rule_options or {}) - set(cfg.rules))
-    if extra:
-        raise ConfigError(f"rule_options for {', '.join(extra)}, which {'is' if len(extra) == 1 else 'are'} not "
-                          f"compared (rules: {', '.join(cfg.rules)})")
+    for what, given in (("rule_options", cfg.rule_options), ("recipes", cfg.recipes)):
+        extra = sorted(set(given or {}) - set(cfg.rules))
+        if extra:
+            raise ConfigError(f"{what} for {', '.join(extra)}, which {'is' if len(extra) == 1 else 'are'} not "
+                              f"compared (rules: {', '.join(cfg.rules)})")
     if min(cfg.measure_steps, cfg.measure_rounds, cfg.probe_epochs, cfg.paper_epochs) < 1 or cfg.measure_warmup < 0:
         raise ConfigError("measure_steps, measure_rounds, probe_epochs and paper_epochs must be >= 1, "
                           "measure_warmup >= 0")
@@ -140,19 +149,22 @@ def _compare(cfg: CompareConfig, out: Path, log: Log) -> dict[str, Any]:
         local[rule] = is_local(tcfg)
         log(f"{tag}: {done}; {probed}")
 
-    # The random-init baseline: the first run's encoder shape as it saved it (a size-dependent option
-    # resolved), the weights it started from (the seed).
-    first = Path(tcfgs[cfg.rules[0]].out)
-    pcfg = probe_config(cfg, first, random_init=True)
-    saved = load_yaml(TrainConfig, first / "config.yaml")
-    probes[RANDOM_INIT], probed = probe(f"[{n}/{n}] {RANDOM_INIT}", pcfg, saved, None)
-    log(f"[{n}/{n}] {RANDOM_INIT}: {probed}")
+    # The random-init baseline of every recipe (`recipe_groups`): the encoder shape of the group's first run
+    # as it saved it (a size-dependent option resolved), the weights it started from (the seed).
+    groups = recipe_groups(cfg.rules, tcfgs)
+    for label, members in groups.items():
+        first = Path(tcfgs[members[0]].out)
+        pcfg = probe_config(cfg, first, random_init=True)
+        saved = load_yaml(TrainConfig, first / "config.yaml")
+        probes[label], probed = probe(f"[{n}/{n}] {label}", pcfg, saved, None)
+        log(f"[{n}/{n}] {label}: {probed}")
 
-    measured: dict[str, Any] = measure_rules(cfg, tcfgs, out, log) if cfg.measure else {}
+    measured: dict[str, Any] = measure_rules(cfg, tcfgs, out, log, groups) if cfg.measure else {}
     if "skipped" in measured:
         log(f"speed and memory: not measured: {measured['skipped']}")
     env = measured.get("env") or _env(cfg)
-    columns, rows = table_rows(cfg.rules, probes, local, steps, measured, {**env, "device": _device(cfg)})
+    columns, rows = table_rows(cfg.rules, probes, local, steps, measured, {**env, "device": _device(cfg)},
+                               random_inits=list(groups))
     csv_path = write_csv(out / CSV_NAME, columns, rows)
     md_path = out / MD_NAME
     base = measured.get("baseline")
@@ -167,6 +179,16 @@ def _compare(cfg: CompareConfig, out: Path, log: Log) -> dict[str, Any]:
     return {"csv": csv_path, "md": md_path, "png": png, "rows": rows}
 
 
+def recipe_groups(rules: list[str], tcfgs: dict[str, TrainConfig]) -> dict[str, list[str]]:
+    """The rules by recipe (encoder and input, `runs.recipe_key`), each under its random-init row's label:
+    `RANDOM_INIT` for the first rule's, ``random-init (RULE)`` for another recipe, RULE its first rule."""
+    by_key: dict[str, list[str]] = {}
+    for rule in rules:
+        by_key.setdefault(recipe_key(tcfgs[rule]), []).append(rule)
+    return {(RANDOM_INIT if i == 0 else f"{RANDOM_INIT} ({members[0]})"): members
+            for i, members in enumerate(by_key.values())}
+
+
 def _device(cfg: CompareConfig) -> str:
     from localssl.engine.runtime import resolve_device
 
@@ -179,4 +201,4 @@ def _env(cfg: CompareConfig) -> dict[str, Any]:
     return environment_info(resolve_device(cfg.device))
 
 
-__all__ = ["duration", "run_compare", "validate_compare"]
+__all__ = ["duration", "recipe_groups", "run_compare", "validate_compare"]

@@ -22,7 +22,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from localssl.config import CompareConfig, ConfigError, ProbeConfig, TrainConfig, shown, to_dict
+from localssl.config import RECIPE_KEYS, CompareConfig, ConfigError, ProbeConfig, TrainConfig, from_dict, shown, to_dict
 from localssl.engine.checkpoint import CHECKPOINT, checkpoint_config, read_checkpoint
 
 #: Probe settings that may differ without changing a result: where it ran and where it was written.
@@ -43,14 +43,25 @@ def train_config(cfg: CompareConfig, rule: str) -> TrainConfig:
     # Every field the two configs share by name is the comparison's, so a TrainConfig field added later
     # (the optimizer and schedule once were missing here) reaches every rule without a line more.
     shared = {f.name for f in fields(CompareConfig)} & {f.name for f in fields(TrainConfig)}
-    tcfg = TrainConfig(**{k: getattr(cfg, k) for k in shared - {"rule_options", "out"}},
-                       rule=rule, rule_options=(cfg.rule_options or {}).get(rule), max_steps=cfg.budget,
-                       out=str(Path(cfg.out) / rule))
-    spec = dataset_spec(cfg.dataset)
-    size = cfg.resize or spec.image_size
+    values = {k: getattr(cfg, k) for k in shared - {"rule_options", "out"}}
+    recipe = dict((cfg.recipes or {}).get(rule) or {})
+    if "encoder" in recipe and recipe["encoder"] != cfg.encoder:
+        # Another encoder: the shared encoder's options and grids describe that one, not this.
+        values.update(encoder_options=None, grids=None)
+    elif "encoder_options" in recipe:
+        recipe["encoder_options"] = {**(cfg.encoder_options or {}), **(recipe["encoder_options"] or {})}
+    own = {"rule": rule, "rule_options": (cfg.rule_options or {}).get(rule), "max_steps": cfg.budget,
+           "out": str(Path(cfg.out) / rule)}
+    tcfg = from_dict(TrainConfig, {**values, **recipe, **own})
+    size = tcfg.resize or dataset_spec(cfg.dataset).image_size
     if size is None:  # imagefolder: its size is known once its images are read; train() resolves it then
         return tcfg
-    return resolve(tcfg, spec.channels, size)
+    return resolve(tcfg, dataset_spec(cfg.dataset).channels, size)
+
+
+def recipe_key(tcfg: TrainConfig) -> str:
+    """What a random-init baseline and a speed measurement share: the encoder and the input a run sees."""
+    return json.dumps({k: getattr(tcfg, k) for k in RECIPE_KEYS}, sort_keys=True)
 
 
 def probe_config(cfg: CompareConfig, run: Path, random_init: bool = False) -> ProbeConfig:
@@ -139,4 +150,5 @@ def probe_reason(path: Path, pcfg: ProbeConfig, tcfg: TrainConfig, sha256: str |
     return None
 
 
-__all__ = ["RunState", "is_local", "probe_config", "probe_reason", "read_json", "run_state", "train_config"]
+__all__ = ["RunState", "is_local", "probe_config", "probe_reason", "read_json", "recipe_key", "run_state",
+           "train_config"]
