@@ -58,6 +58,11 @@ _HELP = {
     "checkpoint_every": "write the checkpoint every N steps (atomically)",
     "retain_freed_memory": "keep freed memory for the next block instead of returning it to the OS "
     "(glibc; saves page faults, changes no result)",
+    "pipeline": "under torchrun: one contiguous stage of blocks per rank, activations sent forward, every stage "
+    "updating from its own loss (local rules); without it, torchrun trains data-parallel",
+    "stages": "blocks per pipeline stage, e.g. 2 2 2 (default: balanced by each block's measured time; see "
+    "`localssl stages`)",
+    "dist_timeout": "seconds a collective or message may wait before the run stops, naming the lost rank",
     "random_init": "probe an untrained encoder of the same shape instead",
     "protocols": "fast (features once, linear on all layers and on the last), blocks (the same, one linear probe "
                  "per block on its globally pooled output: fast_block_1..L), paper (METHODS 2.5: raw features, "

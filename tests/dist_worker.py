@@ -1,0 +1,73 @@
+"""A rank of the distributed tests (tests/test_distributed.py starts 2-3 of these, or torchrun does).
+
+    python tests/dist_worker.py grads RULE OUT      # one data-parallel step's gradients -> OUT/grads_RANK.pt
+    python tests/dist_worker.py train CONFIG.json   # `train` with a check that every rank holds the same weights
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+from localssl.config import TrainConfig
+from localssl.engine import distributed as D
+from localssl.engine.trainer import train
+
+B, SIDE = 8, 16  # images of the whole batch, their side
+
+
+def tiny(rule_name: str):
+    """Encoder, rule and the whole batch's views in float64, the same in every process (seed 0)."""
+    from localssl.builder import options_for
+    from localssl.models import build_encoder
+    from localssl.rules import build_rule
+
+    torch.set_default_dtype(torch.float64)
+    torch.manual_seed(0)
+    enc = build_encoder("vgg6", 1 / 16, 3, None, image_size=SIDE)
+    shapes = enc.feature_shapes((3, SIDE, SIDE))
+    rule = build_rule(rule_name, shapes, options_for(rule_name, {"proj_dim": 16}), grids=[1] * len(shapes))
+    views = torch.randn(2 * B, 3, SIDE, SIDE)
+    return enc, rule, views
+
+
+def grads(rule_name: str, out: str) -> None:
+    enc, rule, views = tiny(rule_name)
+    cluster = D.Cluster(30, torch.device("cpu"))
+    r, n = cluster.rank, cluster.world
+    b = B // n
+    mine = torch.cat([views[r * b:(r + 1) * b], views[B + r * b:B + (r + 1) * b]])  # this rank's two halves
+    losses = D.DataParallelStep(cluster)(enc, rule, None, mine)
+    named = {f"enc.{k}": p for k, p in enc.named_parameters()} | {f"rule.{k}": p for k, p in rule.named_parameters()}
+    torch.save({"losses": torch.stack(losses), "grads": {k: p.grad for k, p in named.items() if p.grad is not None}},
+               os.path.join(out, f"grads_{r}.pt"))
+    cluster.close()
+
+
+def train_checked(config: str) -> None:
+    """`train`, checking after every step that the ranks' weights are bit-identical (rank 0's broadcast)."""
+    spec = json.load(open(config))
+    kill = spec.pop("kill", None)  # [rank, step]: that rank dies (SIGKILL) in that step
+    real = D.DataParallelStep.__call__
+
+    def checked(self, encoder, rule, optimizer, views, index=0, **kw):
+        if kill is not None and self.cluster.rank == kill[0] and index == kill[1]:
+            os.kill(os.getpid(), 9)
+        losses = real(self, encoder, rule, optimizer, views, index, **kw)
+        for t in [*encoder.state_dict().values(), *rule.state_dict().values()]:
+            ref = t.clone()
+            dist.broadcast(ref, 0)
+            if not torch.equal(ref, t):
+                raise AssertionError(f"rank {self.cluster.rank} differs from rank 0 after step {index + 1}")
+        return losses
+
+    D.DataParallelStep.__call__ = checked
+    train(TrainConfig(**spec), resume=os.environ.get("RESUME") == "1")
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    {"grads": lambda: grads(sys.argv[2], sys.argv[3]), "train": lambda: train_checked(sys.argv[2])}[sys.argv[1]]()
