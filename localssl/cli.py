@@ -232,6 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from localssl.engine.distributed import RankLost
     from localssl.engine.trainer import CheckpointWriteError, NonFiniteLossError, TrainingInterrupted
 
     parser = build_parser()
@@ -243,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         print(f"localssl {args.command}: error: {msg}", file=sys.stderr)
         return 2
-    except (NonFiniteLossError, CheckpointWriteError) as e:
+    except (NonFiniteLossError, CheckpointWriteError, RankLost) as e:
         print(f"localssl {args.command}: {e}", file=sys.stderr)
         return 1
     except OSError as e:

@@ -114,3 +114,23 @@ def test_data_parallel_training_matches_one_process(tmp_path, rule):
     lb = [json.loads(x)["loss"] for x in (tmp_path / "dp" / "metrics.jsonl").read_text().splitlines()]
     assert len(la) == len(lb) == 4
     torch.testing.assert_close(torch.tensor(lb), torch.tensor(la), rtol=1e-5, atol=1e-6)
+
+
+def test_a_killed_rank_is_named_and_a_restart_resumes(tmp_path):
+    """Rank 1 dies (SIGKILL) in step 3: rank 0 exits non-zero well within dist_timeout, naming rank 1;
+    a restart with --resume continues from the checkpoint of step 2 to the end."""
+    spec = tiny_run(tmp_path / "run", kill=[1, 2])
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps(spec))
+    t0 = time.monotonic()
+    runs = launch(2, "train", str(cfg), timeout=60)
+    took = time.monotonic() - t0
+    assert runs[1].returncode == -9
+    assert runs[0].returncode not in (0, None), runs[0].stdout[-2000:]
+    assert "RankLost" in runs[0].stdout and "lost: rank 1" in runs[0].stdout, runs[0].stdout[-2000:]
+    assert took < spec["dist_timeout"] + 30  # the failure was seen, not waited out (startup included)
+    assert load_checkpoint(tmp_path / "run" / CHECKPOINT)["step"] == 2
+    spec.pop("kill")
+    cfg.write_text(json.dumps(spec))
+    ok(launch(2, "train", str(cfg), timeout=60, RESUME="1"))
+    assert load_checkpoint(tmp_path / "run" / CHECKPOINT)["step"] == 4
