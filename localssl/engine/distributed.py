@@ -269,8 +269,8 @@ class Solo:
         """How this rank runs a step, given the single-process one."""
         return step
 
-    def start(self, encoder: BlockEncoder, rule: Rule) -> None:
-        """Before the first step: make every rank hold the same weights."""
+    def start(self, encoder: BlockEncoder, rule: Rule, sample: Any = None) -> None:
+        """Before the first step: make every rank hold the same weights (``sample()``: a batch of views)."""
 
     def losses(self, losses: Losses) -> Losses:
         """Every group's loss, on the rank that logs."""
@@ -321,7 +321,7 @@ class DataParallel(Solo):
                               "(unset micro_batch; sequential schedules train one process at a time)")
         return DataParallelStep(self.cluster)
 
-    def start(self, encoder, rule):
+    def start(self, encoder, rule, sample=None):
         with self.cluster.guard("broadcasting rank 0's weights"):
             for t in [*encoder.state_dict().values(), *rule.state_dict().values()]:
                 dist.broadcast(t, 0)

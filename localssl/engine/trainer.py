@@ -325,11 +325,13 @@ def _train(cfg: TrainConfig, resume: bool, out: Path, par: Solo) -> Path:
         load_weights(encoder, state["encoder"], ckpt_path, "encoder")
         load_weights(rule, state["rule"], ckpt_path, "rule")
         _restore(state["optimizer"], optimizer.load_state_dict, ckpt_path, "optimizer")
-    par.start(encoder, rule)
     augment = build_views(cfg, spec.image_size, spec.mean, spec.std, spec.crop_scale, device, rule)
     batches = _Batches(data.images, cfg.batch_size, cfg.seed, device)
     if batches.steps_per_epoch == 0:
         raise ConfigError(f"{len(data)} images make no batch of {cfg.batch_size}")
+    # Every rank the same weights (data-parallel); the stages' split (pipeline, measured on the first batch).
+    par.start(encoder, rule, lambda: _views(augment, batches.batch(0, 0), ImageDraws(cfg.seed, 0, 0,
+                                                                                     batches.indices(0, 0)), par))
     # --max-steps overrides --epochs (it may end mid-epoch, or run past epochs * steps per epoch).
     total = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * batches.steps_per_epoch
     step_fn = par.step(build_step(cfg, rule, total))

@@ -1,0 +1,266 @@
+"""Pipeline-parallel local training: one contiguous stage of blocks per rank (``--pipeline``).
+
+Local learning needs no backward messages: stage k trains on batch t while
+stage k+1 trains on batch t-1. Each rank owns its stage's blocks, the groups
+whose blocks lie in it (their part of the rule: B matrices, heads) and their
+optimizer state; rank 0 makes the views; every stage runs its groups as
+`PlainStep` would (forward, loss, backward, from the detached input) and
+sends its last block's output on to the next rank as soon as its forward is
+done, before its backward, so the next stage computes while this one
+updates. Every stage updates from its own loss only, on the same input the
+single process would give it (that stage's input computed with the weights
+before this step's update, as `PlainStep` computes it), so a pipeline trains
+to the very weights of one process (bit-identical in deterministic mode;
+tests/test_pipeline.py).
+
+Messages: each step sends a small header (stop flag, dtype, shape, memory
+format) and then the activation, with blocking ``send``/``recv``: gloo's
+``isend``/``irecv`` make no progress without ``wait()`` and several
+outstanding ones can hang (pytorch/pytorch#30723, pytorch/gloo#308), and
+``batch_isend_irecv`` is called unstable on gloo (pytorch/PiPPy#1130); a
+blocking send has exactly one outstanding message per peer. (The
+``torch.distributed.pipelining`` schedules put the only loss on the last
+stage, which does not fit local losses.) A stop (a signal on any rank,
+which reaches rank 0 through the store) travels down the pipeline in the
+header, so every stage stops after the same step; per-step collectives
+would flush the pipeline every step.
+
+Messages that would have to go *down* are not supported yet and are refused
+by name, never approximated silently: the DFB top-layer context
+(``needs_top_context``) and groups that span two stages (LoCo's overlap:
+loss k needs block k+1). Noise that a rule injects in ``handoff`` is drawn
+from each rank's own RNG, so such a run is not the single process's draw.
+
+Checkpoints: rank 0 gathers each stage's blocks, rule entries and optimizer
+state into the single-process format (`Pipeline.state`), so a pipeline run
+resumes on one process and the other way round.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from localssl.config import ConfigError
+from localssl.engine.distributed import Cluster, Solo, group_tensor
+from localssl.engine.stages import balance, check_stages, measure_blocks
+from localssl.engine.step import Losses, PlainStep, Step, _amp, _Forward, check_finite, unpack
+from localssl.models import BlockEncoder
+from localssl.rules import Rule
+
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+_HEADER = 12  # stop, dtype, channels_last, ndim, up to 8 sizes
+
+
+class Pipeline(Solo):
+    """This rank's stage: which blocks and groups it owns, and its messages to the stages beside it."""
+
+    def __init__(self, cluster: Cluster, stages: Sequence[int] | None) -> None:
+        self.cluster = cluster
+        self.rank, self.world = cluster.rank, cluster.world
+        self.is_writer = self.reads_images = self.rank == 0
+        self.asked = None if stages is None else list(stages)
+        self.sizes: list[int] = []
+        self._header: torch.Tensor | None = None
+
+    # -- the split ---------------------------------------------------------------------------------
+    def start(self, encoder: BlockEncoder, rule: Rule, sample: Callable[[], Any] | None = None) -> None:
+        if rule.needs_top_context:
+            raise ConfigError("--pipeline: this rule reads the top block's output in every loss (DFB context), a "
+                              "message down the pipeline that is not supported yet; train it data-parallel")
+        n = len(encoder)
+        if self.world > n:
+            raise ConfigError(f"--pipeline on {self.world} ranks needs >= {self.world} blocks; the encoder has {n}")
+        if self.asked is not None:
+            try:
+                sizes = check_stages(self.asked, n, self.world)
+            except ValueError as e:
+                raise ConfigError(f"stages: {e}") from None
+        else:  # rank 0 measures, every rank takes its split
+            box = [balance([c.seconds for c in measure_blocks(encoder, rule, sample())], self.world)
+                   if self.rank == 0 else None]
+            with self.cluster.guard("sharing the measured split"):
+                dist.broadcast_object_list(box, 0)
+            sizes = box[0]
+        self.sizes = sizes
+        bounds = [sum(sizes[:r]) for r in range(self.world + 1)]
+        self.block_owner = [r for r in range(self.world) for _ in range(sizes[r])]
+        self.first, self.last = bounds[self.rank], bounds[self.rank + 1] - 1
+        groups = rule.groups()
+        self.group_owner = []
+        for g, group in enumerate(groups):
+            owners = {self.block_owner[b] for b in group.blocks}
+            if len(owners) > 1:
+                raise ConfigError(f"--pipeline: group {g + 1} trains blocks {[b + 1 for b in group.blocks]}, which "
+                                  f"stages {sizes} put on ranks {sorted(owners)}; a group spanning two stages (LoCo's "
+                                  "overlap) needs a message down the pipeline, not supported yet: choose --stages "
+                                  "that keep every group in one stage")
+            self.group_owner.append(owners.pop())
+        self.mine = [g for g, r in enumerate(self.group_owner) if r == self.rank]
+        self._owners(encoder, rule)
+
+    def _owners(self, encoder: BlockEncoder, rule: Rule) -> None:
+        """Which rank owns each parameter and buffer (the checkpoint takes every entry from its owner)."""
+        owner: dict[int, int] = {}
+        for b, block in enumerate(encoder.blocks):
+            for t in [*block.parameters(), *block.buffers()]:
+                owner[id(t)] = self.block_owner[b]
+        for g in range(len(self.group_owner)):
+            for p in rule.group_parameters(g):
+                owner[id(p)] = self.group_owner[g]
+        # A rule buffer (a head's BatchNorm statistics) belongs to the rank owning its module's parameters.
+        for mod in rule.modules():
+            ranks = {owner[id(p)] for p in mod.parameters() if id(p) in owner}
+            if len(ranks) == 1:
+                r = ranks.pop()
+                for t in mod.buffers():
+                    owner.setdefault(id(t), r)
+        self._owner = owner
+        self._keys = {
+            "encoder": self._key_owners(encoder),
+            "rule": self._key_owners(rule),
+        }
+
+    def _key_owners(self, module: torch.nn.Module) -> dict[str, int]:
+        tensors = dict(module.named_parameters()) | dict(module.named_buffers())
+        return {k: self._owner.get(id(t), 0) for k, t in tensors.items()}
+
+    # -- the hooks the trainer calls ---------------------------------------------------------------
+    def step(self, step: Step) -> Step:
+        if type(step) is not PlainStep:
+            raise ConfigError(f"--pipeline runs plain steps; this run asks for {type(step).__name__} "
+                              "(unset micro_batch; sequential schedules do not pipeline)")
+        return PipelineStep(self)
+
+    def any(self, flag: bool) -> bool:
+        store = self.cluster.store
+        if flag:
+            store.set("stop", "1")  # a signal on any rank reaches rank 0 here
+        if self.rank == 0:
+            stop = flag or store.check(["stop"])
+            if stop and self.world > 1:
+                self._send_header(None, stop=True)
+            return bool(stop)
+        self._header = self._recv_header()
+        stop = bool(self._header[0])
+        if stop and self.rank < self.world - 1:
+            self._send_header(None, stop=True)
+        return stop
+
+    def losses(self, losses: Losses) -> Losses:
+        """Every stage's losses on every rank (an all_reduce, at log steps only: it waits for the last stage)."""
+        vals = torch.zeros(2 * len(losses), dtype=torch.float64)
+        for g, v in enumerate(losses):
+            if v is not None:
+                vals[g], vals[len(losses) + g] = float(v), 1.0
+        vals = group_tensor(vals)
+        with self.cluster.guard("collecting the stages' losses"):
+            dist.all_reduce(vals)
+        vals = vals.cpu()
+        return [torch.tensor(vals[g].item()) if vals[len(losses) + g] else None for g in range(len(losses))]
+
+    def state(self, encoder: BlockEncoder, rule: Rule, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        """The single-process checkpoint entries on rank 0: every entry from the rank that owns it."""
+        full = {"encoder": encoder.state_dict(), "rule": rule.state_dict(), "optimizer": optimizer.state_dict()}
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        opt_owner = {i: self._owner.get(id(p), 0) for i, p in enumerate(params)}
+        mine = {part: {k: v.cpu() for k, v in full[part].items() if self._keys[part].get(k, 0) == self.rank}
+                for part in ("encoder", "rule")}
+        mine["optimizer"] = {i: {k: v.cpu() if torch.is_tensor(v) else v for k, v in s.items()}
+                             for i, s in full["optimizer"]["state"].items() if opt_owner[i] == self.rank}
+        got: list[Any] = [None] * self.world if self.rank == 0 else []
+        with self.cluster.guard("gathering the stages' checkpoint entries"):
+            dist.gather_object(mine, got if self.rank == 0 else None, dst=0)
+        if self.rank != 0:
+            return full
+        state = dict(mine["optimizer"])  # rank 0's own: its copies of other stages' entries may be stale
+        for part in got[1:]:
+            for name in ("encoder", "rule"):
+                full[name].update(part[name])
+            state.update(part["optimizer"])
+        full["optimizer"]["state"] = dict(sorted(state.items()))
+        return full
+
+    def barrier(self, what: str) -> None:
+        with self.cluster.guard(what):
+            dist.barrier()
+
+    def failed(self, error: BaseException) -> None:
+        self.cluster.failed(error)
+
+    def close(self) -> None:
+        self.cluster.close()
+
+    # -- messages ----------------------------------------------------------------------------------
+    def _send_header(self, t: torch.Tensor | None, stop: bool = False) -> None:
+        h = torch.zeros(_HEADER, dtype=torch.int64)
+        h[0] = int(stop)
+        if t is not None:
+            h[1] = _DTYPES.index(t.dtype)
+            h[2] = int(t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last))
+            h[3] = t.dim()
+            h[4:4 + t.dim()] = torch.tensor(t.shape)
+        with self.cluster.guard(f"sending to rank {self.rank + 1}"):
+            dist.send(group_tensor(h), self.rank + 1)
+
+    def _recv_header(self) -> torch.Tensor:
+        h = group_tensor(torch.zeros(_HEADER, dtype=torch.int64))
+        with self.cluster.guard(f"receiving from rank {self.rank - 1}"):
+            dist.recv(h, self.rank - 1)
+        return h.cpu()
+
+    def send(self, t: torch.Tensor) -> None:
+        """The stage's output to the next rank: header, then the values (NCHW order; the header keeps the
+        memory format, so the next stage computes on the layout one process would)."""
+        self._send_header(t)
+        with self.cluster.guard(f"sending an activation to rank {self.rank + 1}"):
+            dist.send(t.detach().contiguous(), self.rank + 1)
+
+    def recv(self, device: torch.device) -> torch.Tensor:
+        """The previous stage's output for this step (its header came with `any`)."""
+        h = self._header if self._header is not None else self._recv_header()
+        self._header = None
+        shape = h[4:4 + int(h[3])].tolist()
+        buf = torch.empty(shape, dtype=_DTYPES[int(h[1])], device=device)
+        with self.cluster.guard(f"receiving an activation from rank {self.rank - 1}"):
+            dist.recv(buf, self.rank - 1)
+        return buf.contiguous(memory_format=torch.channels_last) if int(h[2]) else buf
+
+
+class PipelineStep(Step):
+    """This rank's stage of a `PlainStep`: its input from the previous rank (rank 0: the views), its groups'
+    forward, losses and backward, its output on to the next rank right after the forward, its update."""
+
+    def __init__(self, pipe: Pipeline) -> None:
+        self.pipe = pipe
+
+    def __call__(self, encoder, rule, optimizer, views, index=0, *, device=None, amp_dtype=None) -> Losses:
+        p = self.pipe
+        groups = rule.groups()
+        dev = device or next(encoder.parameters()).device
+        x = unpack(views, rule) if p.rank == 0 else p.recv(dev)
+        ctx = _amp(x, device, amp_dtype)
+        if optimizer is not None:
+            optimizer.zero_grad(set_to_none=True)
+        mine = [groups[g] for g in p.mine]
+        forward = _Forward(mine, x)
+        forward.outputs = {p.first - 1: x}  # the stage's input stands where block first-1's output would
+        losses: Losses = [None] * len(groups)
+        for j, g in enumerate(p.mine):
+            with ctx():
+                out = forward.run(encoder, rule, j, groups[g])
+                if groups[g].output == p.last and p.rank < p.world - 1:
+                    p.send(out)  # the next stage starts while this one computes its loss and backward
+                loss = rule.loss(g, out, None)
+            loss.backward()
+            losses[g] = loss.detach()
+            del out, loss
+        check_finite(losses, groups)
+        if optimizer is not None:
+            optimizer.step()  # parameters of other stages have no gradient: the optimizer leaves them
+        return losses
+
+
+__all__ = ["Pipeline", "PipelineStep"]
