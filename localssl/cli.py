@@ -228,6 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
     from localssl.reports.compare import add_compare_parser
 
     add_compare_parser(sub)
+    from localssl.reports.stages import add_stages_parser
+
+    add_stages_parser(sub)
     return parser
 
 
