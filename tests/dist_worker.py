@@ -2,6 +2,7 @@
 
     python tests/dist_worker.py grads RULE OUT      # one data-parallel step's gradients -> OUT/grads_RANK.pt
     python tests/dist_worker.py train CONFIG.json   # `train` with a check that every rank holds the same weights
+    python tests/dist_worker.py contracts OUT       # every registered rule: data-parallel == one process
 """
 from __future__ import annotations
 
@@ -47,6 +48,55 @@ def grads(rule_name: str, out: str) -> None:
     cluster.close()
 
 
+def contracts(out: str) -> None:
+    """For every registered rule (test_rules' VGG case and views, in float64): this rank's data-parallel
+    gradients equal the single-process gradients of the whole batch, which this rank also computes."""
+    import copy
+
+    import test_rules as T
+
+    from localssl.builder import options_for
+    from localssl.data.augment import ViewBatch
+    from localssl.engine.step import PlainStep
+    from localssl.rules import RULES, build_rule
+
+    torch.set_default_dtype(torch.float64)
+    cluster = D.Cluster(60, torch.device("cpu"))
+    r, n = cluster.rank, cluster.world
+    failures = {}
+    for name in RULES.names():
+        torch.manual_seed(0)
+        enc, in_shape, grids = T.CASES["vgg"]()
+        rule = build_rule(name, enc.feature_shapes(in_shape), options_for(name, {"proj_dim": 16}), grids=grids)
+        views = T.make_views(in_shape, 0, dtype=torch.float64, layout=rule.layout)
+        x = views.x if isinstance(views, ViewBatch) else views
+        lay = rule.layout
+        if lay.stacking == "rows":
+            b = x.shape[0] // lay.n // n
+            mine = torch.cat([v[r * b:(r + 1) * b] for v in x.chunk(lay.n)])
+        else:
+            b = x.shape[0] // n
+            mine = x[r * b:(r + 1) * b]
+        mine = ViewBatch(mine, lay) if isinstance(views, ViewBatch) else mine
+        ref_enc, ref_rule = copy.deepcopy(enc), copy.deepcopy(rule)
+        ref_losses = PlainStep()(ref_enc, ref_rule, None, views)
+        losses = D.DataParallelStep(cluster)(enc, rule, None, mine)
+        got = dict(enc.named_parameters()) | {f"rule.{k}": p for k, p in rule.named_parameters()}
+        ref = dict(ref_enc.named_parameters()) | {f"rule.{k}": p for k, p in ref_rule.named_parameters()}
+        # float64 summed in another order (the ranks' halves): errors of rounding size against the tensor's
+        # scale (an entry whose terms cancel, a bias under Barlow's standardisation, keeps absolute noise).
+        bad = [k for k in ref if (ref[k].grad is None) != (got[k].grad is None) or (ref[k].grad is not None and
+               float((got[k].grad - ref[k].grad).abs().max()) > 1e-9 * float(ref[k].grad.abs().max()) + 1e-15)]
+        if not torch.allclose(torch.stack(losses), torch.stack(ref_losses), rtol=1e-12, atol=0):
+            bad.append("loss")
+        if bad:
+            failures[name] = [(k, float((got[k].grad - ref[k].grad).abs().max()), float(ref[k].grad.abs().max()))
+                              if k in ref and got[k].grad is not None and ref[k].grad is not None else k
+                              for k in bad[:5]]
+    json.dump({"rules": RULES.names(), "failures": failures}, open(os.path.join(out, f"contracts_{r}.json"), "w"))
+    cluster.close()
+
+
 def train_checked(config: str) -> None:
     """`train`, checking after every step that the ranks' weights are bit-identical (rank 0's broadcast)."""
     spec = json.load(open(config))
@@ -70,4 +120,6 @@ def train_checked(config: str) -> None:
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    {"grads": lambda: grads(sys.argv[2], sys.argv[3]), "train": lambda: train_checked(sys.argv[2])}[sys.argv[1]]()
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    {"grads": lambda: grads(sys.argv[2], sys.argv[3]), "train": lambda: train_checked(sys.argv[2]),
+     "contracts": lambda: contracts(sys.argv[2])}[sys.argv[1]]()

@@ -78,6 +78,18 @@ def test_data_parallel_gradients_equal_one_process_on_the_whole_batch(tmp_path, 
             torch.testing.assert_close(got["grads"][k], g, rtol=1e-9, atol=1e-13, msg=k)
 
 
+def test_every_rule_trains_data_parallel_as_one_process(tmp_path):
+    """Registry-wide: for every registered rule, 2 ranks' averaged gradients and losses are the single-process
+    ones on the whole batch (test_rules' VGG case, float64), in each rule's own view layout."""
+    ok(launch(2, "contracts", str(tmp_path)))
+    from localssl.rules import RULES
+
+    for r in range(2):
+        res = json.loads((tmp_path / f"contracts_{r}.json").read_text())
+        assert res["rules"] == RULES.names()
+        assert res["failures"] == {}, f"rank {r}: {res['failures']}"
+
+
 def tiny_run(out: Path, **kw) -> dict:
     return {**dict(rule="clapp++", dataset="shapes10", width=1 / 16, subset=64, batch_size=16, max_steps=4,
                    amp="off", deterministic=True, progress=False, checkpoint_every=2, log_every=1, out=str(out),
