@@ -54,6 +54,14 @@ def test_pipeline_trains_the_single_process_weights(tmp_path, n, stages):
     assert la == lb
 
 
+def test_dfb_context_comes_down_the_pipeline(tmp_path):
+    """clapp++dfb: every loss reads the top block's output, which the last stage broadcasts each step
+    (synchronous): 2 stages train to the single process's weights."""
+    run_ranks(2, pipe_run(tmp_path / "pipe", rule="clapp++dfb", pipeline=True, stages=[4, 2]), tmp_path)
+    one = train(TrainConfig(**pipe_run(tmp_path / "one", rule="clapp++dfb")))
+    assert_same(one, tmp_path / "pipe")
+
+
 def test_pipeline_checkpoints_resume_on_one_process_and_back(tmp_path):
     """A 2-stage run of 2 steps resumed by one process to step 4, and a 1-process run of 2 steps resumed by a
     2-stage pipeline to step 4: both are the uninterrupted single-process run."""

@@ -25,10 +25,15 @@ which reaches rank 0 through the store) travels down the pipeline in the
 header, so every stage stops after the same step; per-step collectives
 would flush the pipeline every step.
 
-Messages that would have to go *down* are not supported yet and are refused
-by name, never approximated silently: the DFB top-layer context
-(``needs_top_context``) and groups that span two stages (LoCo's overlap:
-loss k needs block k+1). Noise that a rule injects in ``handoff`` is drawn
+Messages down: the DFB top-layer context (``needs_top_context``) is
+synchronous: the last stage broadcasts its output (the top block's, of this
+step's batch) to every stage, whose losses wait for it, so each stage's
+update is the single process's, at the cost of the overlap (stage k's loss
+waits for the whole forward). No stale option is offered: the context is
+per image, so an older batch's would be another image's. Groups that span
+two stages (LoCo's overlap: loss k needs block k+1) are not supported yet
+and refused by name, never approximated silently: choose --stages that keep
+each group in one stage. Noise that a rule injects in ``handoff`` is drawn
 from each rank's own RNG, so such a run is not the single process's draw.
 
 Checkpoints: rank 0 gathers each stage's blocks, rule entries and optimizer
@@ -67,9 +72,6 @@ class Pipeline(Solo):
 
     # -- the split ---------------------------------------------------------------------------------
     def start(self, encoder: BlockEncoder, rule: Rule, sample: Callable[[], Any] | None = None) -> None:
-        if rule.needs_top_context:
-            raise ConfigError("--pipeline: this rule reads the top block's output in every loss (DFB context), a "
-                              "message down the pipeline that is not supported yet; train it data-parallel")
         n = len(encoder)
         if self.world > n:
             raise ConfigError(f"--pipeline on {self.world} ranks needs >= {self.world} blocks; the encoder has {n}")
@@ -195,15 +197,8 @@ class Pipeline(Solo):
 
     # -- messages ----------------------------------------------------------------------------------
     def _send_header(self, t: torch.Tensor | None, stop: bool = False) -> None:
-        h = torch.zeros(_HEADER, dtype=torch.int64)
-        h[0] = int(stop)
-        if t is not None:
-            h[1] = _DTYPES.index(t.dtype)
-            h[2] = int(t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last))
-            h[3] = t.dim()
-            h[4:4 + t.dim()] = torch.tensor(t.shape)
         with self.cluster.guard(f"sending to rank {self.rank + 1}"):
-            dist.send(group_tensor(h), self.rank + 1)
+            dist.send(group_tensor(_header(t, stop)), self.rank + 1)
 
     def _recv_header(self) -> torch.Tensor:
         h = group_tensor(torch.zeros(_HEADER, dtype=torch.int64))
@@ -222,11 +217,43 @@ class Pipeline(Solo):
         """The previous stage's output for this step (its header came with `any`)."""
         h = self._header if self._header is not None else self._recv_header()
         self._header = None
-        shape = h[4:4 + int(h[3])].tolist()
-        buf = torch.empty(shape, dtype=_DTYPES[int(h[1])], device=device)
+        buf = _empty(h, device)
         with self.cluster.guard(f"receiving an activation from rank {self.rank - 1}"):
             dist.recv(buf, self.rank - 1)
-        return buf.contiguous(memory_format=torch.channels_last) if int(h[2]) else buf
+        return _laid_out(buf, h)
+
+    def top(self, out: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+        """The top block's output of this step, from the last rank to every rank (DFB's context: the one
+        message down the pipeline, synchronous: every stage waits for the last stage's forward)."""
+        last = self.world - 1
+        with self.cluster.guard(f"receiving the top block's output from rank {last}"):
+            h = group_tensor(_header(out.detach() if self.rank == last else None))
+            dist.broadcast(h, last)
+            h = h.cpu()
+            buf = out.detach().contiguous() if self.rank == last else _empty(h, device)
+            dist.broadcast(buf, last)
+        return _laid_out(buf, h)
+
+
+def _header(t: torch.Tensor | None, stop: bool = False) -> torch.Tensor:
+    """What the receiver of ``t`` needs to hold it: stop flag, dtype, memory format, shape."""
+    h = torch.zeros(_HEADER, dtype=torch.int64)
+    h[0] = int(stop)
+    if t is not None:
+        h[1] = _DTYPES.index(t.dtype)
+        h[2] = int(t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last))
+        h[3] = t.dim()
+        h[4:4 + t.dim()] = torch.tensor(t.shape)
+    return h
+
+
+def _empty(h: torch.Tensor, device: torch.device) -> torch.Tensor:
+    return torch.empty(h[4:4 + int(h[3])].tolist(), dtype=_DTYPES[int(h[1])], device=device)
+
+
+def _laid_out(buf: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """The values as received, in the sender's memory format (the next block's kernels depend on it)."""
+    return buf.contiguous(memory_format=torch.channels_last) if int(h[2]) else buf
 
 
 class PipelineStep(Step):
@@ -248,15 +275,29 @@ class PipelineStep(Step):
         forward = _Forward(mine, x)
         forward.outputs = {p.first - 1: x}  # the stage's input stands where block first-1's output would
         losses: Losses = [None] * len(groups)
+        waiting = []  # groups whose loss waits for the top block's output (DFB)
         for j, g in enumerate(p.mine):
             with ctx():
                 out = forward.run(encoder, rule, j, groups[g])
                 if groups[g].output == p.last and p.rank < p.world - 1:
                     p.send(out)  # the next stage starts while this one computes its loss and backward
+                if rule.needs_top_context:
+                    waiting.append((g, out))
+                    continue
                 loss = rule.loss(g, out, None)
             loss.backward()
             losses[g] = loss.detach()
             del out, loss
+        if rule.needs_top_context:
+            # One process computes the top without a graph and before any update: the same values as the
+            # last stage's forward of this step (blocks that add noise in handoff excepted).
+            top = p.top(waiting[-1][1] if p.rank == p.world - 1 else None, dev)
+            for g, out in waiting:
+                with ctx():
+                    loss = rule.loss(g, out, top)
+                loss.backward()
+                losses[g] = loss.detach()
+            del waiting, out, loss
         check_finite(losses, groups)
         if optimizer is not None:
             optimizer.step()  # parameters of other stages have no gradient: the optimizer leaves them
