@@ -62,6 +62,17 @@ def test_dfb_context_comes_down_the_pipeline(tmp_path):
     assert_same(one, tmp_path / "pipe")
 
 
+@pytest.mark.parametrize("stages", [[3, 3], [1, 2, 3]])
+def test_loco_overlap_sends_gradients_down(tmp_path, stages):
+    """LoCo (overlap 1): the group ending on a stage's first block starts one stage lower; its loss's gradient at
+    the stage boundary goes back down (synchronous); the weights are the single process's."""
+    run_ranks(len(stages), pipe_run(tmp_path / "pipe", rule="loco", pipeline=True, stages=stages,
+                                    rule_options={"expansion": 8, "projector": [16, 16]}), tmp_path)
+    one = train(TrainConfig(**pipe_run(tmp_path / "one", rule="loco", rule_options={"expansion": 8,
+                                                                                   "projector": [16, 16]})))
+    assert_same(one, tmp_path / "pipe")
+
+
 def test_pipeline_checkpoints_resume_on_one_process_and_back(tmp_path):
     """A 2-stage run of 2 steps resumed by one process to step 4, and a 1-process run of 2 steps resumed by a
     2-stage pipeline to step 4: both are the uninterrupted single-process run."""

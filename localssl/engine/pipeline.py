@@ -30,10 +30,12 @@ synchronous: the last stage broadcasts its output (the top block's, of this
 step's batch) to every stage, whose losses wait for it, so each stage's
 update is the single process's, at the cost of the overlap (stage k's loss
 waits for the whole forward). No stale option is offered: the context is
-per image, so an older batch's would be another image's. Groups that span
-two stages (LoCo's overlap: loss k needs block k+1) are not supported yet
-and refused by name, never approximated silently: choose --stages that keep
-each group in one stage. Noise that a rule injects in ``handoff`` is drawn
+per image, so an older batch's would be another image's. A group that
+spans two stages (LoCo's overlap: loss k back-propagates through block k+1)
+is synchronous too: its loss is computed on the upper stage, from the
+stage's input as a leaf, and the leaf's gradient is sent back down, where
+the lower stage back-propagates it through its part before its update (it
+waits for it). A group spanning three stages is refused by name. Noise that a rule injects in ``handoff`` is drawn
 from each rank's own RNG, so such a run is not the single process's draw.
 
 Checkpoints: rank 0 gathers each stage's blocks, rule entries and optimizer
@@ -51,9 +53,9 @@ import torch.distributed as dist
 from localssl.config import ConfigError
 from localssl.engine.distributed import Cluster, Solo, group_tensor
 from localssl.engine.stages import balance, check_stages, measure_blocks
-from localssl.engine.step import Losses, PlainStep, Step, _amp, _Forward, check_finite, unpack
+from localssl.engine.step import Losses, PlainStep, Step, _amp, _Forward, _norm_stats_kept, check_finite, unpack
 from localssl.models import BlockEncoder
-from localssl.rules import Rule
+from localssl.rules import Group, Rule
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _HEADER = 12  # stop, dtype, channels_last, ndim, up to 8 sizes
@@ -91,16 +93,25 @@ class Pipeline(Solo):
         self.block_owner = [r for r in range(self.world) for _ in range(sizes[r])]
         self.first, self.last = bounds[self.rank], bounds[self.rank + 1] - 1
         groups = rule.groups()
-        self.group_owner = []
+        # Each group's loss is computed (and its rule parameters owned) where its output block lives; a
+        # group that starts one stage lower (LoCo's overlap) has its lower part there ("lower": its output
+        # waits for the gradient the upper stage sends back) and its upper part here ("upper").
+        self.group_owner, self.plan = [], []
         for g, group in enumerate(groups):
-            owners = {self.block_owner[b] for b in group.blocks}
-            if len(owners) > 1:
-                raise ConfigError(f"--pipeline: group {g + 1} trains blocks {[b + 1 for b in group.blocks]}, which "
-                                  f"stages {sizes} put on ranks {sorted(owners)}; a group spanning two stages (LoCo's "
-                                  "overlap) needs a message down the pipeline, not supported yet: choose --stages "
-                                  "that keep every group in one stage")
-            self.group_owner.append(owners.pop())
-        self.mine = [g for g, r in enumerate(self.group_owner) if r == self.rank]
+            owners = sorted({self.block_owner[b] for b in group.blocks})
+            where = f"group {g + 1} trains blocks {[b + 1 for b in group.blocks]}, which stages {sizes} put on ranks"
+            if len(owners) > 2:
+                raise ConfigError(f"--pipeline: {where} {owners}; a group may span two stages at most: choose "
+                                  "--stages with more blocks per stage")
+            if len(owners) == 2 and rule.needs_top_context:
+                raise ConfigError(f"--pipeline: {where} {owners}, and the rule reads the top context: choose "
+                                  "--stages that keep every group in one stage")
+            self.group_owner.append(self.block_owner[group.output])
+            if self.rank in owners:
+                part = Group(tuple(b for b in group.blocks if self.block_owner[b] == self.rank))
+                kind = "own" if len(owners) == 1 else "upper" if self.rank == self.group_owner[g] else "lower"
+                self.plan.append((g, kind, part))
+        self.mine = [g for g, kind, _ in self.plan if kind != "lower"]
         self._owners(encoder, rule)
 
     def _owners(self, encoder: BlockEncoder, rule: Rule) -> None:
@@ -222,6 +233,22 @@ class Pipeline(Solo):
             dist.recv(buf, self.rank - 1)
         return _laid_out(buf, h)
 
+    def send_grad(self, t: torch.Tensor) -> None:
+        """The gradient of a split group's loss at this stage's input, back to the stage below."""
+        with self.cluster.guard(f"sending a gradient to rank {self.rank - 1}"):
+            dist.send(group_tensor(_header(t)), self.rank - 1)
+            dist.send(t.contiguous(), self.rank - 1)
+
+    def recv_grad(self, device: torch.device) -> torch.Tensor:
+        """The gradient the stage above sends for this stage's output (a split group's lower part)."""
+        with self.cluster.guard(f"receiving a gradient from rank {self.rank + 1}"):
+            h = group_tensor(torch.zeros(_HEADER, dtype=torch.int64))
+            dist.recv(h, self.rank + 1)
+            h = h.cpu()
+            buf = _empty(h, device)
+            dist.recv(buf, self.rank + 1)
+        return _laid_out(buf, h)
+
     def top(self, out: torch.Tensor | None, device: torch.device) -> torch.Tensor:
         """The top block's output of this step, from the last rank to every rank (DFB's context: the one
         message down the pipeline, synchronous: every stage waits for the last stage's forward)."""
@@ -271,23 +298,37 @@ class PipelineStep(Step):
         ctx = _amp(x, device, amp_dtype)
         if optimizer is not None:
             optimizer.zero_grad(set_to_none=True)
-        mine = [groups[g] for g in p.mine]
-        forward = _Forward(mine, x)
+        forward = _Forward([part for _, _, part in p.plan], x)
         forward.outputs = {p.first - 1: x}  # the stage's input stands where block first-1's output would
         losses: Losses = [None] * len(groups)
         waiting = []  # groups whose loss waits for the top block's output (DFB)
-        for j, g in enumerate(p.mine):
+        lower = []  # lower parts of groups that end on the next stage: their outputs wait for its gradient
+        sent = p.rank == p.world - 1
+        for j, (g, kind, part) in enumerate(p.plan):
             with ctx():
-                out = forward.run(encoder, rule, j, groups[g])
-                if groups[g].output == p.last and p.rank < p.world - 1:
-                    p.send(out)  # the next stage starts while this one computes its loss and backward
+                if kind == "upper":  # the input's gradient goes back down: a leaf that keeps it
+                    leaf = x.detach().requires_grad_()
+                    out = _run_from(forward, encoder, rule, j, part, leaf)
+                else:
+                    out = forward.run(encoder, rule, j, part)
+                if not sent and part.output == p.last:
+                    p.send(out)  # the next stage starts while this one computes its losses and backward
+                    sent = True
+                if kind == "lower":
+                    lower.append(out)
+                    continue
                 if rule.needs_top_context:
                     waiting.append((g, out))
                     continue
                 loss = rule.loss(g, out, None)
             loss.backward()
             losses[g] = loss.detach()
+            if kind == "upper":
+                p.send_grad(leaf.grad)
             del out, loss
+        for out in lower:  # in group order, as the stage above sends them
+            out.backward(p.recv_grad(dev))
+        del lower
         if rule.needs_top_context:
             # One process computes the top without a graph and before any update: the same values as the
             # last stage's forward of this step (blocks that add noise in handoff excepted).
@@ -298,10 +339,29 @@ class PipelineStep(Step):
                 loss.backward()
                 losses[g] = loss.detach()
             del waiting, out, loss
-        check_finite(losses, groups)
+        if any(v is not None for v in losses):  # a stage of one block under LoCo computes no loss of its own
+            check_finite(losses, groups)
         if optimizer is not None:
             optimizer.step()  # parameters of other stages have no gradient: the optimizer leaves them
         return losses
+
+
+def _run_from(forward: _Forward, encoder: BlockEncoder, rule: Rule, j: int, part: Group,
+              h: torch.Tensor) -> torch.Tensor:
+    """`_Forward.run` from ``h`` itself, not detached (a split group's upper part, whose input gradient is
+    sent down); the running statistics and the outputs kept for later groups follow the same rules."""
+    for b in part.blocks:
+        block = encoder.blocks[b]
+        if b in forward.ran:
+            with _norm_stats_kept(block):
+                h = block(h)
+        else:
+            h = block(h)
+            forward.ran.add(b)
+        h = rule.handoff(b, h)
+        if b not in forward.outputs and b in forward.last_use and forward.last_use[b] > j:
+            forward.outputs[b] = h.detach()
+    return h
 
 
 __all__ = ["Pipeline", "PipelineStep"]
