@@ -100,12 +100,23 @@ def contracts(out: str) -> None:
 def train_checked(config: str) -> None:
     """`train`, checking after every step that the ranks' weights are bit-identical (rank 0's broadcast)."""
     spec = json.load(open(config))
-    kill = spec.pop("kill", None)  # [rank, step]: that rank dies (SIGKILL) in that step
+    kill = spec.pop("kill", None)  # [rank, step, signal]: that rank gets the signal (9: dies, 19: hangs) then
+    if kill is not None and spec.get("pipeline"):
+        from localssl.engine.pipeline import PipelineStep
+
+        real_pipe = PipelineStep.__call__
+
+        def doomed(self, encoder, rule, optimizer, views, index=0, **kw):
+            if self.pipe.rank == kill[0] and index == kill[1]:
+                os.kill(os.getpid(), kill[2])
+            return real_pipe(self, encoder, rule, optimizer, views, index, **kw)
+
+        PipelineStep.__call__ = doomed
     real = D.DataParallelStep.__call__
 
     def checked(self, encoder, rule, optimizer, views, index=0, **kw):
         if kill is not None and self.cluster.rank == kill[0] and index == kill[1]:
-            os.kill(os.getpid(), 9)
+            os.kill(os.getpid(), kill[2])
         losses = real(self, encoder, rule, optimizer, views, index, **kw)
         for t in [*encoder.state_dict().values(), *rule.state_dict().values()]:
             ref = t.clone()

@@ -131,7 +131,7 @@ def test_data_parallel_training_matches_one_process(tmp_path, rule):
 def test_a_killed_rank_is_named_and_a_restart_resumes(tmp_path):
     """Rank 1 dies (SIGKILL) in step 3: rank 0 exits non-zero well within dist_timeout, naming rank 1;
     a restart with --resume continues from the checkpoint of step 2 to the end."""
-    spec = tiny_run(tmp_path / "run", kill=[1, 2])
+    spec = tiny_run(tmp_path / "run", kill=[1, 2, 9])
     cfg = tmp_path / "cfg.json"
     cfg.write_text(json.dumps(spec))
     t0 = time.monotonic()

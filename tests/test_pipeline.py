@@ -7,10 +7,14 @@ format both ways.
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
-from test_distributed import launch, ok, tiny_run
+from test_distributed import WORKER, env, free_port, launch, ok, tiny_run
 
 from localssl.config import TrainConfig
 from localssl.engine.checkpoint import CHECKPOINT, load_checkpoint
@@ -83,3 +87,30 @@ def test_pipeline_checkpoints_resume_on_one_process_and_back(tmp_path):
     train(TrainConfig(**pipe_run(tmp_path / "s2p", max_steps=2)))
     run_ranks(2, pipe_run(tmp_path / "s2p", pipeline=True), tmp_path, RESUME="1")
     assert_same(one, tmp_path / "s2p")
+
+
+def test_a_hung_stage_is_named_within_the_timeout(tmp_path):
+    """Stage 2 of 3 stops (SIGSTOP: alive, silent) in step 2: the other stages give up after dist_timeout
+    (5 s) and exit non-zero naming rank 1, though no connection closed."""
+    spec = pipe_run(tmp_path / "run", pipeline=True, stages=[2, 2, 2], dist_timeout=5.0, kill=[1, 1, 19])
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps(spec))
+    port = str(free_port())
+    procs = [subprocess.Popen([sys.executable, WORKER, "train", str(cfg)], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True,
+                              env=env(RANK=str(r), WORLD_SIZE="3", LOCAL_RANK=str(r), MASTER_PORT=port))
+             for r in range(3)]
+    try:
+        outs = {}
+        for r in (0, 2):
+            t0 = time.monotonic()
+            outs[r] = procs[r].communicate(timeout=60)[0]
+            assert procs[r].returncode not in (0, None), outs[r][-2000:]
+            assert "lost: rank 1 (no heartbeat" in outs[r], outs[r][-2000:]
+        assert time.monotonic() - t0 < 30
+    finally:
+        procs[1].send_signal(signal.SIGKILL)
+        procs[1].communicate()
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
