@@ -146,3 +146,17 @@ def test_a_killed_rank_is_named_and_a_restart_resumes(tmp_path):
     cfg.write_text(json.dumps(spec))
     ok(launch(2, "train", str(cfg), timeout=60, RESUME="1"))
     assert load_checkpoint(tmp_path / "run" / CHECKPOINT)["step"] == 4
+
+
+def test_a_signal_on_one_rank_stops_every_rank_after_the_same_step(tmp_path):
+    """SIGTERM reaches rank 1 alone during step 2: both ranks finish that step and stop (no rank is left
+    waiting in a collective), rank 0 checkpoints step 2, and both report the interruption."""
+    spec = tiny_run(tmp_path / "run", kill=[1, 1, 15], max_steps=6, checkpoint_every=100)
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps(spec))
+    runs = launch(2, "train", str(cfg), timeout=60)
+    for r, run in enumerate(runs):
+        assert run.returncode not in (0, None) and "TrainingInterrupted" in run.stdout, (r, run.stdout[-2000:])
+    assert "SIGTERM received: stopped after step 2 of 6" in runs[1].stdout
+    assert "a stop signal on another rank received: stopped after step 2 of 6" in runs[0].stdout
+    assert load_checkpoint(tmp_path / "run" / CHECKPOINT)["step"] == 2

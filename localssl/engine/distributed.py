@@ -87,7 +87,9 @@ class Cluster:
         # A second client of the rendezvous store for the heartbeats, so that the beating thread
         # never shares a connection with the process group's own use of it.
         self.addr, self.port = os.environ.get("MASTER_ADDR", "127.0.0.1"), int(os.environ.get("MASTER_PORT", 29500))
-        self.store = dist.PrefixStore("localssl/", dist.TCPStore(
+        # Keys per restart: torchrun's store outlives the workers it restarts (--max-restarts).
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        self.store = dist.PrefixStore(f"localssl/{attempt}/", dist.TCPStore(
             self.addr, self.port, is_master=False, timeout=timedelta(seconds=5), wait_for_workers=False))
         self._stop = threading.Event()
         self._beats = threading.Thread(target=self._beat, name="localssl-heartbeat", daemon=True)

@@ -468,11 +468,12 @@ def _train(cfg: TrainConfig, resume: bool, out: Path, par: Solo) -> Path:
         for s, h in handlers.items():
             signal.signal(s, h)
     final = checkpoint()
-    if stop and step < total:  # a signal during the last step: the run is complete, finish it normally
-        name = signal.Signals(stop[0]).name
+    if step < total:  # a signal (here, or on another rank) stopped the run; during the last step: it is complete
+        signum = stop[0] if stop else signal.SIGTERM
+        name = signal.Signals(signum).name if stop else "a stop signal on another rank"
         raise TrainingInterrupted(
             f"{name} received: stopped after step {step} of {total}; checkpoint written to {ckpt_path}. "
-            f"Continue with: localssl train --resume --out {out}", stop[0])
+            f"Continue with: localssl train --resume --out {out}", signum)
     write(final["encoder"], out / ENCODER, "the encoder's weights")
     if not par.is_writer:
         return out
