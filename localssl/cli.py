@@ -15,6 +15,7 @@ dataclasses, so the command line and the YAML files can never drift apart.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import types
 import typing
@@ -141,7 +142,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             base.max_steps = None
     cfg = resolve_args(TrainConfig, args, base)
     out = train(cfg, resume=args.resume)
-    print(f"run written to {out}")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun: once, by the rank that wrote it
+        print(f"run written to {out}")
     return 0
 
 
