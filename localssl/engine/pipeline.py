@@ -53,7 +53,7 @@ import torch.distributed as dist
 from localssl.config import ConfigError
 from localssl.engine.distributed import Cluster, Solo, group_tensor
 from localssl.engine.stages import balance, check_stages, measure_blocks
-from localssl.engine.step import Losses, PlainStep, Step, _amp, _Forward, _norm_stats_kept, check_finite, unpack
+from localssl.engine.step import Losses, PlainStep, Step, _amp, _Forward, check_finite, unpack
 from localssl.models import BlockEncoder
 from localssl.rules import Group, Rule
 
@@ -308,7 +308,7 @@ class PipelineStep(Step):
             with ctx():
                 if kind == "upper":  # the input's gradient goes back down: a leaf that keeps it
                     leaf = x.detach().requires_grad_()
-                    out = _run_from(forward, encoder, rule, j, part, leaf)
+                    out = forward.run(encoder, rule, j, part, start=leaf)
                 else:
                     out = forward.run(encoder, rule, j, part)
                 if not sent and part.output == p.last:
@@ -344,24 +344,6 @@ class PipelineStep(Step):
         if optimizer is not None:
             optimizer.step()  # parameters of other stages have no gradient: the optimizer leaves them
         return losses
-
-
-def _run_from(forward: _Forward, encoder: BlockEncoder, rule: Rule, j: int, part: Group,
-              h: torch.Tensor) -> torch.Tensor:
-    """`_Forward.run` from ``h`` itself, not detached (a split group's upper part, whose input gradient is
-    sent down); the running statistics and the outputs kept for later groups follow the same rules."""
-    for b in part.blocks:
-        block = encoder.blocks[b]
-        if b in forward.ran:
-            with _norm_stats_kept(block):
-                h = block(h)
-        else:
-            h = block(h)
-            forward.ran.add(b)
-        h = rule.handoff(b, h)
-        if b not in forward.outputs and b in forward.last_use and forward.last_use[b] > j:
-            forward.outputs[b] = h.detach()
-    return h
 
 
 __all__ = ["Pipeline", "PipelineStep"]
