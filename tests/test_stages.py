@@ -54,6 +54,9 @@ def test_stages_command_measures_and_splits(tmp_path, capsys, monkeypatch):
     assert [s["ranks"] for s in res["splits"]] == [2, 3]
     for s in res["splits"]:
         assert s["stages"] == balance([b["seconds"] for b in res["blocks"]], s["ranks"])
-    assert main(["stages", "--width", "0.0625", "--batch-size", "8", "--subset", "16", "--ranks", "7",
-                 "--device", "cpu"]) == 2
-    assert "only 6 blocks" in capsys.readouterr().err
+    assert main(["stages", "--width", "0.0625", "--batch-size", "8", "--subset", "16", "--ranks", "2", "7",
+                 "--device", "cpu", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "    7  only 6 blocks: at most 6 stages" in out and "speedup" in out
+    assert main(["stages", "--width", "0.0625", "--subset", "16", "--batch-size", "8", "--ranks", "0"]) == 2
+    assert "--ranks and --repeats must be >= 1" in capsys.readouterr().err
