@@ -3,6 +3,7 @@
     python tests/dist_worker.py grads RULE OUT      # one data-parallel step's gradients -> OUT/grads_RANK.pt
     python tests/dist_worker.py train CONFIG.json   # `train` with a check that every rank holds the same weights
     python tests/dist_worker.py contracts OUT       # every registered rule: data-parallel == one process
+    python tests/dist_worker.py desync              # rank 1 lacks a gradient rank 0 has: GradSync refuses
 """
 from __future__ import annotations
 
@@ -97,6 +98,26 @@ def contracts(out: str) -> None:
     cluster.close()
 
 
+def desync() -> None:
+    """Group 1's gradients on both ranks, but rank 1 has none for the first block's bias: both ranks must
+    stop with the parameter's name (DDP's unused-parameter handling can desync silently, #128949)."""
+    enc, rule, _ = tiny("clapp++")
+    cluster = D.Cluster(30, torch.device("cpu"))
+    sync = D.GradSync(cluster, enc, rule)
+    for p in sync.buckets[0]:
+        p.grad = torch.ones_like(p)
+    if cluster.rank == 1:
+        enc.blocks[0][0].bias.grad = None
+    sync.after_group(0)
+    try:
+        sync.finish()
+    except D.RankLost as e:
+        print(f"refused: {e}")
+        sys.exit(3)
+    finally:
+        cluster.close()
+
+
 def train_checked(config: str) -> None:
     """`train`, checking after every step that the ranks' weights are bit-identical (rank 0's broadcast)."""
     spec = json.load(open(config))
@@ -133,4 +154,4 @@ if __name__ == "__main__":
     torch.set_num_threads(1)
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     {"grads": lambda: grads(sys.argv[2], sys.argv[3]), "train": lambda: train_checked(sys.argv[2]),
-     "contracts": lambda: contracts(sys.argv[2])}[sys.argv[1]]()
+     "contracts": lambda: contracts(sys.argv[2]), "desync": desync}[sys.argv[1]]()

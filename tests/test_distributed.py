@@ -90,6 +90,13 @@ def test_every_rule_trains_data_parallel_as_one_process(tmp_path):
         assert res["failures"] == {}, f"rank {r}: {res['failures']}"
 
 
+def test_a_gradient_on_some_ranks_only_is_an_error_not_a_desync():
+    runs = launch(2, "desync")
+    for r, run in enumerate(runs):
+        assert run.returncode == 3, run.stdout[-2000:]
+        assert f"refused: rank {r}: encoder.blocks.0.0.bias has a gradient on 1 of 2 ranks" in run.stdout
+
+
 def tiny_run(out: Path, **kw) -> dict:
     return {**dict(rule="clapp++", dataset="shapes10", width=1 / 16, subset=64, batch_size=16, max_steps=4,
                    amp="off", deterministic=True, progress=False, checkpoint_every=2, log_every=1, out=str(out),

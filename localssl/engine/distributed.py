@@ -5,7 +5,8 @@
 
 The trainer talks to one `Parallel` object through a few hooks (which
 images this rank reads, how a step runs, who writes, the full state to
-checkpoint); `Solo` is the single-process one, so the loop has no branches.
+checkpoint); `Parallel` itself is the single-process one (`Solo`), so the loop
+has no branches.
 
 Data-parallel (`DataParallel`): every rank holds the whole encoder and rule.
 The global batch of ``batch_size`` images (the permutation of single-process
@@ -258,8 +259,8 @@ class DataParallelStep(Step):
         return losses
 
 
-class Solo:
-    """One process: the hooks the trainer calls, doing nothing."""
+class Parallel:
+    """The hooks the trainer calls; as they are here, one process's (nothing to share)."""
 
     rank, world, is_writer, reads_images = 0, 1, True, True
 
@@ -296,7 +297,7 @@ class Solo:
         """Leave the process group."""
 
 
-class DataParallel(Solo):
+class DataParallel(Parallel):
     """Every rank the whole model, a slice of every batch; gradients averaged (module docstring)."""
 
     reads_images = True
@@ -360,14 +361,14 @@ def rank_device(device: torch.device) -> torch.device:
 
 
 def start_parallel(pipeline: bool, stages: Sequence[int] | None, timeout_s: float, batch_size: int,
-                   device: torch.device) -> Solo:
+                   device: torch.device) -> Parallel:
     """The run's `Parallel`: `Solo` outside torchrun, else data-parallel or a pipeline stage."""
     if not launched():
         if pipeline:
             from localssl.config import ConfigError
 
             raise ConfigError("--pipeline runs one stage per process: launch it with torchrun --nproc-per-node N")
-        return Solo()
+        return Parallel()
     cluster = Cluster(timeout_s, device)
     if pipeline:
         from localssl.engine.pipeline import Pipeline
@@ -376,5 +377,8 @@ def start_parallel(pipeline: bool, stages: Sequence[int] | None, timeout_s: floa
     return DataParallel(cluster, batch_size)
 
 
-__all__ = ["Cluster", "RankLost", "Solo", "DataParallel", "DataParallelStep", "GradSync", "gather_views",
+#: One process: `Parallel` as it is.
+Solo = Parallel
+
+__all__ = ["Cluster", "RankLost", "Parallel", "Solo", "DataParallel", "DataParallelStep", "GradSync", "gather_views",
            "start_parallel", "launched", "rank_device", "group_tensor"]

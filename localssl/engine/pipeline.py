@@ -51,7 +51,7 @@ import torch
 import torch.distributed as dist
 
 from localssl.config import ConfigError
-from localssl.engine.distributed import Cluster, Solo, group_tensor
+from localssl.engine.distributed import Cluster, Parallel, group_tensor
 from localssl.engine.stages import balance, check_stages, measure_blocks
 from localssl.engine.step import Losses, PlainStep, Step, _amp, _Forward, check_finite, unpack
 from localssl.models import BlockEncoder
@@ -61,7 +61,7 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _HEADER = 12  # stop, dtype, channels_last, ndim, up to 8 sizes
 
 
-class Pipeline(Solo):
+class Pipeline(Parallel):
     """This rank's stage: which blocks and groups it owns, and its messages to the stages beside it."""
 
     def __init__(self, cluster: Cluster, stages: Sequence[int] | None) -> None:

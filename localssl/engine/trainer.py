@@ -65,7 +65,7 @@ from localssl.engine.checkpoint import (
     set_rng_state,
 )
 from localssl.engine.dataid import check_same_data, data_identity
-from localssl.engine.distributed import Solo, rank_device, start_parallel
+from localssl.engine.distributed import Parallel, rank_device, start_parallel
 from localssl.engine.metrics import MetricLog
 from localssl.engine.optim import lr_at, set_lr
 from localssl.engine.rundir import prepare_run_folder
@@ -263,7 +263,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         par.close()
 
 
-def _views(augment: nn.Module, x: torch.Tensor, draws: ImageDraws, par: Solo) -> ViewBatch:
+def _views(augment: nn.Module, x: torch.Tensor, draws: ImageDraws, par: Parallel) -> ViewBatch:
     """The batch's views, each image's from (seed, epoch, its index) where the view maker can draw so."""
     if getattr(augment, "per_image_draws", False):
         return augment.batch(x, draws)
@@ -273,7 +273,7 @@ def _views(augment: nn.Module, x: torch.Tensor, draws: ImageDraws, par: Solo) ->
     return augment.batch(x)
 
 
-def _train(cfg: TrainConfig, resume: bool, out: Path, par: Solo) -> Path:
+def _train(cfg: TrainConfig, resume: bool, out: Path, par: Parallel) -> Path:
     ckpt_path = out / CHECKPOINT
     state, saved = None, {}
     if resume:
