@@ -16,6 +16,7 @@ dataclasses, so the command line and the YAML files can never drift apart.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import types
 import typing
@@ -60,6 +61,11 @@ _HELP = {
     "checkpoint_every": "write the checkpoint every N steps (atomically)",
     "retain_freed_memory": "keep freed memory for the next block instead of returning it to the OS "
     "(glibc; saves page faults, changes no result)",
+    "pipeline": "under torchrun: one contiguous stage of blocks per rank, activations sent forward, every stage "
+    "updating from its own loss (local rules); without it, torchrun trains data-parallel",
+    "stages": "blocks per pipeline stage, e.g. 2 2 2 (default: balanced by each block's measured time; see "
+    "`localssl stages`)",
+    "dist_timeout": "seconds a collective or message may wait before the run stops, naming the lost rank",
     "random_init": "probe an untrained encoder of the same shape instead",
     "protocols": "fast (features once, linear on all layers and on the last), blocks (the same, one linear probe "
                  "per block on its globally pooled output: fast_block_1..L), paper (METHODS 2.5: raw features, "
@@ -138,7 +144,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             base.max_steps = None
     cfg = resolve_args(TrainConfig, args, base)
     out = train(cfg, resume=args.resume)
-    print(f"run written to {out}")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun: once, by the rank that wrote it
+        print(f"run written to {out}")
     return 0
 
 
@@ -228,10 +235,15 @@ def build_parser() -> argparse.ArgumentParser:
     from localssl.reports.energy import add_energy_parser
 
     add_energy_parser(sub)
+
+    from localssl.reports.stages import add_stages_parser
+
+    add_stages_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    from localssl.engine.distributed import RankLost
     from localssl.engine.trainer import CheckpointWriteError, NonFiniteLossError, TrainingInterrupted
 
     parser = build_parser()
@@ -243,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         print(f"localssl {args.command}: error: {msg}", file=sys.stderr)
         return 2
-    except (NonFiniteLossError, CheckpointWriteError) as e:
+    except (NonFiniteLossError, CheckpointWriteError, RankLost) as e:
         print(f"localssl {args.command}: {e}", file=sys.stderr)
         return 1
     except OSError as e:

@@ -88,6 +88,11 @@ class TrainConfig:
     deterministic: bool = False
     threads: int | None = None
     retain_freed_memory: bool = True  # glibc: keep freed pages for the next block (engine.runtime)
+    # torchrun (`localssl.engine.distributed`): data-parallel by default, one stage of blocks per rank with
+    # --pipeline (`localssl.engine.pipeline`); stages: blocks per stage (None: balanced by measured cost)
+    pipeline: bool = False
+    stages: list[int] | None = None
+    dist_timeout: float = 120.0  # seconds any collective or message may wait before the run stops naming a rank
     # bookkeeping
     out: str = "runs/run"
     checkpoint_every: int = 500
@@ -491,6 +496,12 @@ def validate_train(cfg: TrainConfig) -> None:
         raise ConfigError(f"max_steps must be > 0, got {cfg.max_steps}")
     if cfg.micro_batch is not None and cfg.micro_batch <= 0:
         raise ConfigError(f"micro_batch must be > 0 views (or unset for the whole batch), got {cfg.micro_batch}")
+    if cfg.dist_timeout <= 0:
+        raise ConfigError(f"dist_timeout must be > 0 seconds, got {cfg.dist_timeout}")
+    if cfg.stages is not None and (not cfg.stages or min(cfg.stages) < 1):
+        raise ConfigError(f"stages must be one count >= 1 of blocks per stage, got {cfg.stages}")
+    if cfg.stages is not None and not cfg.pipeline:
+        raise ConfigError("stages splits the blocks of a --pipeline run: add --pipeline or drop --stages")
     if cfg.crop_scale is not None:
         lo_hi = cfg.crop_scale
         if len(lo_hi) != 2 or not 0 < lo_hi[0] <= lo_hi[1] <= 1:

@@ -15,6 +15,7 @@ import kornia.augmentation as K
 import torch
 from torch import nn
 
+from localssl.data.draws import SIMCLR_UNIFORMS, ImageDraws, factor, resized_crop
 from localssl.registry import Registry
 
 STACKINGS = ("rows", "channels", "pairs")
@@ -114,6 +115,9 @@ class SimCLRViews(nn.Module):
     ) -> None:
         super().__init__()
         channels = len(mean)
+        self.image_size, self.crop_scale = image_size, (float(crop_scale[0]), float(crop_scale[1]))
+        self.jitter, self.jitter_p, self.grayscale_p, self.blur_p = tuple(jitter), jitter_p, grayscale_p, blur_p
+        self.channels = channels
         augs: list[nn.Module] = [
             K.RandomResizedCrop((image_size, image_size), scale=crop_scale),
             K.RandomHorizontalFlip(p=0.5),
@@ -132,10 +136,49 @@ class SimCLRViews(nn.Module):
         return self.augment(x_float)
 
     layout = ViewLayout(2, "rows")
+    #: `batch` takes ``draws``: each image's views from (seed, epoch, image index) alone (`localssl.data.draws`).
+    per_image_draws = True
 
-    def batch(self, x: torch.Tensor) -> ViewBatch:
-        """uint8 (B, H, W, C) -> a `ViewBatch` of the (2B, C, H, W) views, view 1 stacked on view 2."""
-        return ViewBatch(self(x), self.layout)
+    def batch(self, x: torch.Tensor, draws: ImageDraws | None = None) -> ViewBatch:
+        """uint8 (B, H, W, C) -> a `ViewBatch` of the (2B, C, H, W) views, view 1 stacked on view 2.
+
+        With ``draws`` every image's two views depend on (seed, epoch, its index) only, not on the
+        batch it is in (data-parallel ranks, resumed runs); without, kornia draws from the global RNG.
+        """
+        return ViewBatch(self(x) if draws is None else self.drawn(x, draws), self.layout)
+
+    def _params(self, u: torch.Tensor, order: torch.Tensor, size: tuple[int, int]) -> list[dict[str, torch.Tensor]]:
+        """Each augmentation's kornia parameters for rows of uniforms ``u`` (`SIMCLR_UNIFORMS` per row)."""
+        n = u.shape[0]
+        out: list[dict[str, torch.Tensor]] = [resized_crop(u[:, :22], size, self.image_size, self.crop_scale),
+                                              {"batch_prob": u[:, 22] < 0.5}]
+        if self.channels in (1, 3):
+            b, c, s, h = self.jitter
+            colour = self.channels == 3
+            out.append({"brightness_factor": factor(u[:, 24], b), "contrast_factor": factor(u[:, 25], c),
+                        "saturation_factor": factor(u[:, 26], s) if colour else torch.ones(n),
+                        "hue_factor": (2 * u[:, 27] - 1) * h if colour else torch.zeros(n),
+                        "order": order, "batch_prob": u[:, 23] < self.jitter_p})
+            if colour:
+                out.append({"batch_prob": u[:, 28] < self.grayscale_p})
+        if self.blur_p > 0:
+            out.append({"sigma": 0.1 + 1.9 * u[:, 30], "batch_prob": u[:, 29] < self.blur_p})
+        return out
+
+    @torch.no_grad()
+    def drawn(self, x: torch.Tensor, draws: ImageDraws) -> torch.Tensor:
+        """`forward` with every row's parameters drawn from ``draws`` (one generator per image and view)."""
+        if draws.index.shape[0] != x.shape[0]:
+            raise ValueError(f"draws for {draws.index.shape[0]} images, batch of {x.shape[0]}")
+        xf = to_float_nchw(x)
+        u = torch.cat([draws.uniforms(v, SIMCLR_UNIFORMS) for v in range(2)])  # rows: view 1, then view 2
+        order = torch.randperm(4, generator=draws.batch_generator())
+        views = torch.cat([xf, xf], dim=0)
+        for aug, params in zip(self.augment, self._params(u, order, tuple(xf.shape[-2:]))):
+            params = {k: v.to(views.device) for k, v in params.items()}
+            params["forward_input_shape"] = torch.tensor(views.shape)
+            views = aug(views, params=params)
+        return ((views - self.normalize.mean) / self.normalize.std).contiguous(memory_format=torch.channels_last)
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:

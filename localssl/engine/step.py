@@ -170,9 +170,13 @@ class _Forward:
         # The last group that reads block b's output: after it, the output is dropped.
         self.last_use = {g.input: i for i, g in enumerate(groups)}
 
-    def run(self, encoder: BlockEncoder, rule: Rule, g: int, group: Group) -> torch.Tensor:
-        """Group ``group``'s forward with a graph through its blocks only; returns its last block's output."""
-        h = self.outputs[group.input].detach()  # the cut: no gradient crosses it
+    def run(self, encoder: BlockEncoder, rule: Rule, g: int, group: Group,
+            start: torch.Tensor | None = None) -> torch.Tensor:
+        """Group ``group``'s forward with a graph through its blocks only; returns its last block's output.
+
+        ``start``: the group's input as given, not detached (a pipeline stage whose input's gradient is sent
+        back to the stage below, `localssl.engine.pipeline`)."""
+        h = self.outputs[group.input].detach() if start is None else start  # the cut: no gradient crosses it
         if self.last_use.get(group.input) == g and group.input >= 0:
             del self.outputs[group.input]
         for b in group.blocks:

@@ -50,7 +50,9 @@ from localssl.config import (
 )
 from localssl.config import replace as replace_config
 from localssl.data import dataset_spec, load_dataset
+from localssl.data.augment import ViewBatch
 from localssl.data.cache import default_cache_dir
+from localssl.data.draws import ImageDraws
 from localssl.engine.checkpoint import (
     CHECKPOINT,
     ENCODER,
@@ -63,6 +65,7 @@ from localssl.engine.checkpoint import (
     set_rng_state,
 )
 from localssl.engine.dataid import check_same_data, data_identity
+from localssl.engine.distributed import Parallel, rank_device, start_parallel
 from localssl.engine.metrics import MetricLog
 from localssl.engine.optim import lr_at, set_lr
 from localssl.engine.rundir import prepare_run_folder
@@ -109,7 +112,7 @@ class TrainingInterrupted(RuntimeError):
 # too when the checkpoint records its data's identity (`data_identity`): the
 # data, not the folder it was read from, is then what must match.
 RESUMABLE_CHANGES = {"epochs", "max_steps", "micro_batch", "progress", "checkpoint_every", "log_every", "device",
-                     "threads", "retain_freed_memory", "out"}
+                     "threads", "retain_freed_memory", "out", "pipeline", "stages", "dist_timeout"}
 # Options whose default depends on the data; a run saves them resolved, and
 # leaving one unset on resume means "the run's".
 RESOLVED_AT_START = ("grids", "mean", "std", "encoder_options", "rule_options")
@@ -199,12 +202,21 @@ class _Batches:
             self._perm = (epoch, torch.randperm(self.n, generator=g))
         return self._perm[1]
 
+    def indices(self, epoch: int, i: int) -> torch.Tensor:
+        """Data set indices of batch ``i`` of ``epoch`` (a rank takes its slice of them)."""
+        return self.permutation(epoch)[i * self.batch_size : (i + 1) * self.batch_size]
+
     def batch(self, epoch: int, i: int) -> torch.Tensor:
-        idx = self.permutation(epoch)[i * self.batch_size : (i + 1) * self.batch_size]
+        return self.gather(self.indices(epoch, i))
+
+    def gather(self, idx: torch.Tensor) -> torch.Tensor:
+        """The uint8 images of data set indices ``idx``, in that order, on the device."""
         if self.images is not None:
             return self.images[idx.to(self.device)]
-        idx_sorted = np.sort(idx.numpy())  # sorted reads are much faster on a memmap
-        return torch.from_numpy(self.memmap[idx_sorted]).to(self.device)
+        order = np.argsort(idx.numpy())  # sorted reads are much faster on a memmap
+        rows = self.memmap[idx.numpy()[order]]
+        # Back in idx's order: row k is image idx[k], whose views are drawn from its index.
+        return torch.from_numpy(rows[np.argsort(order)]).to(self.device)
 
 
 def _restore(entry: Any, load: Any, path: Path, name: str) -> None:
@@ -233,14 +245,35 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     after the step in progress, with a checkpoint of it (`TrainingInterrupted`).
     """
     validate_train(cfg)
-    lock = prepare_run_folder(cfg.out, resume)
+    # Under torchrun: the process group first (`localssl.engine.distributed`); rank 0 alone owns the folder.
+    par = start_parallel(cfg.pipeline, cfg.stages, cfg.dist_timeout, cfg.batch_size,
+                         rank_device(resolve_device(cfg.device)))
     try:
-        return _train(cfg, resume, Path(cfg.out))
+        lock = prepare_run_folder(cfg.out, resume) if par.is_writer else None
+        try:
+            par.barrier("waiting for rank 0 to prepare the run folder")
+            return _train(cfg, resume, Path(cfg.out), par)
+        finally:
+            if lock is not None:
+                lock.release()
+    except BaseException as e:
+        par.failed(e)  # the other ranks' error names this one and why
+        raise
     finally:
-        lock.release()
+        par.close()
 
 
-def _train(cfg: TrainConfig, resume: bool, out: Path) -> Path:
+def _views(augment: nn.Module, x: torch.Tensor, draws: ImageDraws, par: Parallel) -> ViewBatch:
+    """The batch's views, each image's from (seed, epoch, its index) where the view maker can draw so."""
+    if getattr(augment, "per_image_draws", False):
+        return augment.batch(x, draws)
+    if par.world > 1:
+        raise ConfigError(f"view maker {type(augment).__name__} draws from the global RNG, so its views would "
+                          "depend on the number of ranks: it cannot train on several processes")
+    return augment.batch(x)
+
+
+def _train(cfg: TrainConfig, resume: bool, out: Path, par: Parallel) -> Path:
     ckpt_path = out / CHECKPOINT
     state, saved = None, {}
     if resume:
@@ -268,7 +301,7 @@ def _train(cfg: TrainConfig, resume: bool, out: Path) -> Path:
         retain_freed_memory()
     set_deterministic(cfg.deterministic)
     seed_everything(cfg.seed)
-    device = resolve_device(cfg.device)
+    device = rank_device(resolve_device(cfg.device))
     amp_dtype = resolve_amp(cfg.amp, device)
 
     spec, data = _load_images(cfg)
@@ -296,9 +329,12 @@ def _train(cfg: TrainConfig, resume: bool, out: Path) -> Path:
     batches = _Batches(data.images, cfg.batch_size, cfg.seed, device)
     if batches.steps_per_epoch == 0:
         raise ConfigError(f"{len(data)} images make no batch of {cfg.batch_size}")
+    # Every rank the same weights (data-parallel); the stages' split (pipeline, measured on the first batch).
+    par.start(encoder, rule, lambda: _views(augment, batches.batch(0, 0), ImageDraws(cfg.seed, 0, 0,
+                                                                                     batches.indices(0, 0)), par))
     # --max-steps overrides --epochs (it may end mid-epoch, or run past epochs * steps per epoch).
     total = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * batches.steps_per_epoch
-    step_fn = build_step(cfg, rule, total)
+    step_fn = par.step(build_step(cfg, rule, total))
     if state is not None and cfg.lr_schedule == "cosine":
         # The cosine's lr at every step depends on the run's length: another length would give the steps
         # still to run the lr of a run that never took the steps already taken.
@@ -316,18 +352,21 @@ def _train(cfg: TrainConfig, resume: bool, out: Path) -> Path:
             f"nothing to train: {ckpt_path} is at step {int(state['step'])} and {length} ends the run at step "
             f"{total}; pass a larger --epochs or --max-steps (--epochs alone drops the run's --max-steps)"
         )
-    save_yaml(cfg, out / "config.yaml")
+    if par.is_writer:
+        save_yaml(cfg, out / "config.yaml")
 
     step = 0
     if state is not None:
         _restore(state["rng"], set_rng_state, ckpt_path, "rng")
         step = int(state["step"])
-    log = MetricLog(out, resume_step=step if state is not None else None)
+    log = MetricLog(out, resume_step=step if state is not None else None) if par.is_writer else None
     env = environment_info(device)
     last_good = [step] if state is not None else []  # the step the checkpoint on disk holds
 
     def write(obj: Any, path: Path, what: str) -> None:
-        """`save_atomic`, whose failure (a full disk) stops the run naming what is kept."""
+        """`save_atomic` on rank 0, whose failure (a full disk) stops the run naming what is kept."""
+        if not par.is_writer:
+            return
         try:
             save_atomic(obj, path)
         except OSError as e:
@@ -344,7 +383,7 @@ def _train(cfg: TrainConfig, resume: bool, out: Path) -> Path:
                 f"partial file was removed.{then}"
             ) from None
 
-    def checkpoint() -> None:
+    def checkpoint() -> dict[str, Any]:
         # Losses can be finite while the update overflowed (a huge lr): check the weights themselves
         # before they replace the last good checkpoint. Only here and at the end, as it costs a sync per tensor.
         bad = _nonfinite_parameters(encoder, rule)
@@ -355,11 +394,10 @@ def _train(cfg: TrainConfig, resume: bool, out: Path) -> Path:
                 f"overflowed; stopped without saving them. The last good checkpoint is kept at "
                 f"{ckpt_path if ckpt_path.exists() else '(none written yet)'}; lower --lr or change --amp."
             )
+        entries = par.state(encoder, rule, optimizer)  # a pipeline's stages, gathered on rank 0
         write(
             {
-                "encoder": encoder.state_dict(),
-                "rule": rule.state_dict(),
-                "optimizer": optimizer.state_dict(),
+                **entries,
                 "step": step,
                 "epoch": step // batches.steps_per_epoch,
                 "rng": rng_state(),
@@ -371,6 +409,7 @@ def _train(cfg: TrainConfig, resume: bool, out: Path) -> Path:
             "the checkpoint",
         )
         last_good.append(step)
+        return entries
 
     encoder.train()
     bar = tqdm(total=total, initial=step, disable=not cfg.progress, desc=f"{cfg.rule}", dynamic_ncols=True)
@@ -391,10 +430,11 @@ def _train(cfg: TrainConfig, resume: bool, out: Path) -> Path:
         handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)
                     if signal.getsignal(s) is not signal.SIG_IGN}
     try:
-        while step < total and not stop:
+        while step < total and not par.any(bool(stop)):  # every rank stops after the same step
             epoch, i = divmod(step, batches.steps_per_epoch)
-            x = batches.batch(epoch, i)
-            views = augment.batch(x)
+            index = par.shard(batches.indices(epoch, i))  # this rank's images of the global batch
+            x = batches.gather(index) if par.reads_images else None
+            views = _views(augment, x, ImageDraws(cfg.seed, epoch, i, index), par) if par.reads_images else None
             pos, span = step_fn.lr_span(step, total, len(rule.groups()))
             set_lr(optimizer, lr_at(pos, cfg.lr, span, cfg.lr_schedule, cfg.warmup_steps, cfg.min_lr))
             try:
@@ -405,9 +445,10 @@ def _train(cfg: TrainConfig, resume: bool, out: Path) -> Path:
                     f"{ckpt_path if ckpt_path.exists() else '(none written yet)'}; lower --lr or change --amp."
                 ) from None
             step += 1
-            window_imgs += x.shape[0]
-            imgs_total += x.shape[0]
+            window_imgs += cfg.batch_size
+            imgs_total += cfg.batch_size
             if step % cfg.log_every == 0 or step == total:
+                losses = par.losses(losses)
                 # A group that did not train this step (sequential schedule) logs null; lr: the one it stepped with.
                 vals = {g: None if v is None else float(v) for g, v in enumerate(losses)}
                 now = time.perf_counter()
@@ -417,7 +458,8 @@ def _train(cfg: TrainConfig, resume: bool, out: Path) -> Path:
                 row = {"step": step, "epoch": step / batches.steps_per_epoch, "loss": last_loss,
                        **{f"loss_{g + 1}": v for g, v in vals.items()}, "lr": optimizer.param_groups[0]["lr"],
                        "images_per_s": ips, **step_fn.metrics()}
-                log.log(row)
+                if log is not None:
+                    log.log(row)
                 bar.set_postfix(loss=f"{last_loss:.4f}", img_s=f"{ips:.0f}")
             bar.update(1)
             if step % cfg.checkpoint_every == 0 and step < total:
@@ -426,17 +468,20 @@ def _train(cfg: TrainConfig, resume: bool, out: Path) -> Path:
         bar.close()
         for s, h in handlers.items():
             signal.signal(s, h)
-    checkpoint()
-    if stop and step < total:  # a signal during the last step: the run is complete, finish it normally
-        name = signal.Signals(stop[0]).name
+    final = checkpoint()
+    if step < total:  # a signal (here, or on another rank) stopped the run; during the last step: it is complete
+        signum = stop[0] if stop else signal.SIGTERM
+        name = signal.Signals(signum).name if stop else "a stop signal on another rank"
         raise TrainingInterrupted(
             f"{name} received: stopped after step {step} of {total}; checkpoint written to {ckpt_path}. "
-            f"Continue with: localssl train --resume --out {out}", stop[0])
-    write(encoder.state_dict(), out / ENCODER, "the encoder's weights")
+            f"Continue with: localssl train --resume --out {out}", signum)
+    write(final["encoder"], out / ENCODER, "the encoder's weights")
+    if not par.is_writer:
+        return out
     seconds = time.perf_counter() - t_start
     summary = {"steps": step, "images_seen_this_session": imgs_total, "seconds_this_session": seconds,
                "images_per_s": imgs_total / max(seconds, 1e-9), "final_loss": last_loss,
-               "amp": str(amp_dtype), "device": str(device), "env": env}
+               "amp": str(amp_dtype), "device": str(device), "ranks": par.world, "env": env}
     with atomic_file(out / "summary.json", "w") as fh:
         fh.write(json.dumps(summary, indent=2))
     return out
