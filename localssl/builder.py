@@ -21,10 +21,10 @@ import torch
 from localssl.config import OPTIMIZERS, ConfigError, TrainConfig, check_grids, replace
 from localssl.data.augment import VIEW_MAKERS
 from localssl.engine.inference import InferenceStep
-from localssl.engine.optim import LARS
+from localssl.engine.optim import LARS, OptimizerSet
 from localssl.engine.step import MicroBatchedStep, PlainStep, SequentialStep, Step
 from localssl.models import BlockEncoder, build_encoder, resolve_encoder_options
-from localssl.rules import RULES, Rule, build_rule, resolve_rule_options
+from localssl.rules import RULES, OptimizerHint, Rule, build_rule, resolve_rule_options
 
 
 @dataclass
@@ -91,27 +91,54 @@ def _fused_ok(params: list[torch.nn.Parameter]) -> bool:
     return bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
 
 
+#: The optimizers a rule's `OptimizerHint` may name (none keeps a second moment).
+HINT_OPTIMIZERS = ("sgd",)
+
+
 def build_optimizer(encoder: BlockEncoder, rule: Rule, lr: float, weight_decay: float, optimizer: str = "adamw",
-                    momentum: float = 0.9) -> torch.optim.Optimizer:
+                    momentum: float = 0.9) -> torch.optim.Optimizer | OptimizerSet:
     """One optimizer over every trainable parameter: all blocks and the rule's own (B, heads).
 
     ``optimizer="adamw"`` (METHODS 2.4, fused where it can be) or ``"lars"``
     (`localssl.engine.optim.LARS`, as blockwise SSL trains, METHODS 5.1: the
     biases and norms take neither weight decay nor the trust ratio). One
     parameter group either way: the trainer sets its lr every step (`lr_at`).
+
+    A rule's parameter with an `OptimizerHint` (`Rule.optimizer_hint`, e.g.
+    CLAPP++'s ``b_optimizer=sgd``) trains with the optimizer its hint names
+    instead, one parameter group per distinct hint (its lr: the run's x
+    ``lr_scale``, weight decay: the run's, as SGD's coupled L2); the result
+    is then an `OptimizerSet` of the run's optimizer (first) and those. With
+    no hint, the run's optimizer alone, exactly as before hints existed.
     """
     params = [p for p in encoder.parameters() if p.requires_grad]
     seen = {id(p) for p in params}
+    hinted: dict[OptimizerHint, list[torch.nn.Parameter]] = {}
     for g in range(len(rule.groups())):
         for p in rule.group_parameters(g):
             if id(p) not in seen:  # a head shared by two groups is one parameter to the optimizer
                 seen.add(id(p))
-                params.append(p)
+                hint = rule.optimizer_hint(p)
+                if hint is None:
+                    params.append(p)
+                else:
+                    hinted.setdefault(hint, []).append(p)
     if optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=_fused_ok(params))
-    if optimizer == "lars":
-        return LARS(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    raise ConfigError(f"unknown optimizer {optimizer!r}; valid: {', '.join(OPTIMIZERS)}")
+        main = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=_fused_ok(params))
+    elif optimizer == "lars":
+        main = LARS(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    else:
+        raise ConfigError(f"unknown optimizer {optimizer!r}; valid: {', '.join(OPTIMIZERS)}")
+    if not hinted:
+        return main
+    extra = []
+    for hint, ps in hinted.items():
+        if hint.optimizer not in HINT_OPTIMIZERS:
+            raise ConfigError(f"rule {type(rule).__name__} asks for optimizer {hint.optimizer!r} for some of its "
+                              f"parameters; valid: {', '.join(HINT_OPTIMIZERS)}")
+        extra.append(torch.optim.SGD([{"params": ps, "lr_scale": hint.lr_scale}], lr=lr * hint.lr_scale,
+                                     momentum=hint.momentum, weight_decay=weight_decay))
+    return OptimizerSet([main, *extra])
 
 
 def build_views(cfg: TrainConfig, image_size: int, mean, std, crop_scale, device: torch.device,
@@ -148,4 +175,4 @@ def build_step(cfg: TrainConfig, rule: Rule, total_steps: int) -> Step:
     return PlainStep()
 
 
-__all__ = ["Model", "build_model", "resolve", "build_optimizer", "build_views", "build_step", "options_for"]
+__all__ = ["Model", "build_model", "resolve", "build_optimizer", "HINT_OPTIMIZERS", "build_views", "build_step", "options_for"]

@@ -7,10 +7,11 @@ registers itself next to its code; the trainer never sees rule names.
 from __future__ import annotations
 
 from localssl.rules import blockwise, bp, clapp, fixed_feedback, patches, pc, scff  # noqa: F401  (registers the rules)
-from localssl.rules.base import FEEDBACK_KINDS, Group, Inference, Rule, RuleOptions, check_groups
+from localssl.rules.base import FEEDBACK_KINDS, Group, Inference, OptimizerHint, Rule, RuleOptions, check_groups
 from localssl.rules.blockwise import Blockwise, Head, inject_noise
 from localssl.rules.bp import BPInfoNCE, InfoNCEOptions
-from localssl.rules.clapp import BPCLAPPPlusPlus, CLAPPPlusPlus, ContrastiveOptions, Feedback
+from localssl.rules.clapp import BPCLAPPPlusPlus, CLAPPPlusPlus, ContrastiveOptions
+from localssl.rules.feedback import Feedback, feedback_flops, feedback_numel
 from localssl.rules.fixed_feedback import DFAOptions, DirectFeedbackAlignment, FFOptions, ForwardForward
 from localssl.rules.losses import (
     CONTRASTIVE_F,
@@ -31,11 +32,12 @@ from localssl.rules.registry import RULES, bp_counterpart, build_rule, register_
 from localssl.rules.scff import SCFF, SCFFOptions
 
 __all__ = [
-    "RULES", "FEEDBACK_KINDS", "Group", "Inference", "Rule", "RuleOptions", "build_rule", "check_groups",
+    "RULES", "FEEDBACK_KINDS", "Group", "Inference", "OptimizerHint", "Rule", "RuleOptions", "build_rule", "check_groups",
     "register_rule", "rule_options", "resolve_rule_options", "bp_counterpart",
     "Blockwise", "Head", "inject_noise",
     "SCFF", "SCFFOptions", "PatchPredictive", "CPCOptions", "CLAPP2021Options",
     "CLAPPPlusPlus", "BPCLAPPPlusPlus", "ContrastiveOptions", "BPInfoNCE", "InfoNCEOptions", "Feedback",
+    "feedback_flops", "feedback_numel",
     "ForwardForward", "FFOptions", "DirectFeedbackAlignment", "DFAOptions",
     "PCOptions", "PredictiveCoding",
     "CONTRASTIVE_F", "contrastive_loss", "info_nce", "info_nce_symmetric", "nt_xent", "barlow_twins", "vicreg",

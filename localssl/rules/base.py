@@ -87,6 +87,24 @@ class Inference:
             raise ValueError(f"step_size must be >= 0, got {self.step_size}")
 
 
+@dataclass(frozen=True)
+class OptimizerHint:
+    """How some of a rule's own parameters ask to be optimised, when not like the encoder's.
+
+    The builder (`localssl.builder.build_optimizer`) gives the parameters
+    with equal hints their own optimizer (``optimizer``: a name it knows,
+    e.g. "sgd" with ``momentum``) while every other parameter keeps the run's
+    optimizer; a hinted group's lr is the run's lr (every step of its
+    schedule) times ``lr_scale``. Why a rule would: CLAPP++'s spatial B
+    holds ~16x the encoder's parameters at full width, and AdamW's two
+    moments on it cost more memory than local training saves (METHODS 2.2b).
+    """
+
+    optimizer: str
+    momentum: float = 0.0
+    lr_scale: float = 1.0
+
+
 @dataclass
 class RuleOptions:
     """Base of a rule's own options: one small dataclass per rule family (STYLE principle 11).
@@ -210,6 +228,10 @@ class Rule(nn.Module):
     def group_parameters(self, g: int) -> list[nn.Parameter]:
         """The rule's own trainable parameters that group ``g``'s loss trains."""
         return []
+
+    def optimizer_hint(self, p: nn.Parameter) -> OptimizerHint | None:
+        """How the rule's parameter ``p`` asks to be optimised (None, the default: like the encoder's)."""
+        return None
 
     def prediction_energy(self, block: int, x: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
         """Schedule "inference": the energy of block ``block``'s prediction error, latent ``x`` against the

@@ -18,9 +18,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from localssl.rules.base import FEEDBACK_KINDS, Rule, RuleOptions
+from localssl.rules.base import FEEDBACK_KINDS, OptimizerHint, Rule, RuleOptions
+from localssl.rules.feedback import B_DTYPES, Feedback
 from localssl.rules.losses import CONTRASTIVE_F, contrastive_loss, spatial_pool, swap_views
 from localssl.rules.registry import register_rule
+
+
+#: b_optimizer: "same" (the run's optimizer) or an optimizer without second-moment state.
+B_OPTIMIZERS = ("same", "sgd")
 
 
 @dataclass
@@ -30,12 +35,34 @@ class ContrastiveOptions(RuleOptions):
     f: the decreasing loss function (hinge, softplus/logistic, linear, type1).
     feedback: B^l trainable, identity (Forward-Forward-like) or fixed random
        (DFA-like).
-    b_l2: L2 penalty on B (needed by the linear f, which is unbounded below).
+    b_l2: L2 penalty on B, b_l2 |B|_F^2 (needed by the linear f, which is unbounded below).
+
+    Cheaper B (issue 14; METHODS 2.2b: the dense spatial B costs more than
+    the input-gradient pass local training saves). Each is off by default,
+    and the defaults are the dense fp32 B in the run's optimizer, bit for bit:
+    b_rank: r > 0: B = U V^T of rank r (`localssl.rules.feedback.Feedback`),
+       r (d_z + d_c) parameters instead of d_z d_c; a layer whose smaller dim
+       is <= r keeps its dense B (a rank that high constrains nothing).
+       0: dense.
+    b_dtype: fp32, or bf16: the B matmul in bfloat16 from fp32 master weights
+       (gradients and optimizer state fp32; slow on CPUs without native bf16).
+    b_optimizer: "same" (B in the run's optimizer, AdamW by default) or "sgd":
+       momentum SGD for B alone (one buffer per B, b_momentum 0: none),
+       without AdamW's second moment; the encoder keeps the run's optimizer.
+    b_momentum: the momentum of b_optimizer=sgd.
+    b_lr_scale: B's lr = the run's lr (at every step of its schedule) x this,
+       with b_optimizer=sgd (SGD's steps scale with the gradient, AdamW's do
+       not, so the run's lr is rarely the right one for both).
     """
 
     f: str = "hinge"
     feedback: str = "trainable"
     b_l2: float = 0.0
+    b_rank: int = 0
+    b_dtype: str = "fp32"
+    b_optimizer: str = "same"
+    b_momentum: float = 0.9
+    b_lr_scale: float = 1.0
 
     def check(self) -> None:
         if self.f not in CONTRASTIVE_F:
@@ -44,42 +71,35 @@ class ContrastiveOptions(RuleOptions):
             raise ValueError(f"unknown feedback {self.feedback!r}; valid: {', '.join(FEEDBACK_KINDS)}")
         if not self.b_l2 >= 0:
             raise ValueError(f"b_l2 must be >= 0, got {self.b_l2}")
+        if self.b_rank < 0:
+            raise ValueError(f"b_rank must be >= 0 (0: dense B), got {self.b_rank}")
+        if self.b_rank and self.feedback == "identity":
+            raise ValueError(f"b_rank={self.b_rank} needs a B matrix; feedback=identity has none")
+        if self.b_dtype not in B_DTYPES:
+            raise ValueError(f"unknown b_dtype {self.b_dtype!r}; valid: {', '.join(B_DTYPES)}")
+        if self.b_optimizer not in B_OPTIMIZERS:
+            raise ValueError(f"unknown b_optimizer {self.b_optimizer!r}; valid: {', '.join(B_OPTIMIZERS)}")
+        if self.b_optimizer != "same" and self.feedback != "trainable":
+            raise ValueError(f"b_optimizer={self.b_optimizer} needs a trainable B; feedback={self.feedback} has none")
+        if not 0 <= self.b_momentum < 1:
+            raise ValueError(f"b_momentum must be in [0, 1), got {self.b_momentum}")
+        if not self.b_lr_scale > 0:
+            raise ValueError(f"b_lr_scale must be > 0, got {self.b_lr_scale}")
+
+    def make_feedback(self, d_c: int, d_z: int) -> Feedback:
+        """A B from d_c to d_z as these options ask (kind, rank, dtype)."""
+        return Feedback(d_c, d_z, self.feedback, rank=self.b_rank, dtype=self.b_dtype)
+
+    def b_hint(self) -> OptimizerHint | None:
+        """How the builder optimises B: None (the run's optimizer) or `OptimizerHint` (b_optimizer=sgd)."""
+        if self.b_optimizer == "same":
+            return None
+        return OptimizerHint(self.b_optimizer, momentum=self.b_momentum, lr_scale=self.b_lr_scale)
 
     def check_training(self) -> None:
         # One loss evaluation is fine (the exactness tests take one), but training drives B to infinity.
         if self.f == "linear" and self.b_l2 == 0 and self.feedback == "trainable":
             raise ValueError("f=linear is unbounded below with a trainable B: set b_l2 > 0 (e.g. 1e-3)")
-
-
-class Feedback(nn.Module):
-    """The bias-free map B from context space (d_c) to layer space (d_z)."""
-
-    def __init__(self, d_c: int, d_z: int, kind: str = "trainable") -> None:
-        super().__init__()
-        if kind not in FEEDBACK_KINDS:
-            raise ValueError(f"unknown feedback {kind!r}; valid: {', '.join(FEEDBACK_KINDS)}")
-        self.kind = kind
-        self.d_c, self.d_z = d_c, d_z
-        if kind == "identity":
-            if d_c != d_z:
-                raise ValueError(f"identity feedback needs equal dims, got context {d_c} and layer {d_z}")
-            self.weight = None
-        else:
-            lin = nn.Linear(d_c, d_z, bias=False)  # default (Kaiming-uniform) init, as the reference
-            self.weight = nn.Parameter(lin.weight.detach().clone(), requires_grad=(kind == "trainable"))
-
-    def forward(self, c: torch.Tensor) -> torch.Tensor:
-        if self.weight is None:
-            return c
-        return nn.functional.linear(c, self.weight)
-
-    def l2(self) -> torch.Tensor:
-        if self.weight is None or not self.weight.requires_grad:
-            return torch.zeros(())
-        return self.weight.pow(2).sum()
-
-    def extra_repr(self) -> str:
-        return f"{self.d_c} -> {self.d_z}, kind={self.kind}"
 
 
 def _pooled_dim(shape: Sequence[int], grid: int) -> int:
@@ -129,10 +149,10 @@ class CLAPPPlusPlus(Rule):
         dims = [_pooled_dim(s, g) for s, g in zip(self.feature_shapes, grids)]
         self.dims = dims
         self.same = nn.ModuleList(
-            [Feedback(d, d, options.feedback) for d in dims] if context in ("same", "both") else []
+            [options.make_feedback(d, d) for d in dims] if context in ("same", "both") else []
         )
         self.top = nn.ModuleList(
-            [Feedback(dims[-1], d, options.feedback) for d in dims] if self.needs_top_context else []
+            [options.make_feedback(dims[-1], d) for d in dims] if self.needs_top_context else []
         )
 
     def _penalty(self, g: int) -> torch.Tensor:
@@ -163,6 +183,12 @@ class CLAPPPlusPlus(Rule):
         mods = [m[g] for m in (self.same, self.top) if len(m)]
         return [p for m in mods for p in m.parameters() if p.requires_grad]
 
+    def optimizer_hint(self, p: nn.Parameter) -> OptimizerHint | None:
+        hint = self.options.b_hint()
+        if hint is None or not any(p is q for m in (*self.same, *self.top) for q in m.parameters()):
+            return None
+        return hint
+
 
 class BPCLAPPPlusPlus(Rule):
     """BP-CLAPP++ ("CPC-like"): the hinge loss at the top only, end-to-end (METHODS 2.3)."""
@@ -175,7 +201,7 @@ class BPCLAPPPlusPlus(Rule):
         super().__init__(feature_shapes, options or ContrastiveOptions(), grids)
         self.options.check()
         d = _pooled_dim(self.feature_shapes[-1], 1)
-        self.head = Feedback(d, d, self.options.feedback)
+        self.head = self.options.make_feedback(d, d)
 
     def represent(self, g: int, h: torch.Tensor) -> torch.Tensor:
         return spatial_pool(h, 1)
@@ -188,6 +214,10 @@ class BPCLAPPPlusPlus(Rule):
 
     def group_parameters(self, g: int) -> list[nn.Parameter]:
         return [p for p in self.head.parameters() if p.requires_grad]
+
+    def optimizer_hint(self, p: nn.Parameter) -> OptimizerHint | None:
+        hint = self.options.b_hint()
+        return hint if hint is not None and any(p is q for q in self.head.parameters()) else None
 
 
 # The family (METHODS 2, 2.3). Each local variant's gradient is compared with BP-CLAPP++'s.

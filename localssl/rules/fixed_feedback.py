@@ -160,9 +160,7 @@ class DirectFeedbackAlignment(CLAPPPlusPlus):
                  grids: Sequence[int] | None = None) -> None:
         super().__init__(feature_shapes, options or DFAOptions(), grids, context="top", spatial=True)
         if self.options.train_top:
-            top = self.top[-1]
-            top.weight.requires_grad_(True)
-            top.kind = "trainable"
+            self.top[-1].set_trainable(True)
 
 
 # Both compare with BP-CLAPP++, the family's end-to-end rule (METHODS 2.3).
