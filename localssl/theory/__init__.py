@@ -14,6 +14,7 @@
   and ``ablation``;
 - :mod:`.linear`: all of the above under one name (where ``localssl.cli`` imports from);
 - :mod:`.conv`: Proposition 3.5 on a linear CNN (``conv``);
+- :mod:`.rank`: Theorem 3.1 with a rank limit on B (``rank``; CLAPP++'s ``b_rank``);
 - :mod:`.cli`: :func:`run_theory` and the ``localssl theory`` subcommand
   (:func:`add_theory_parser`, :func:`theory_main`).
 """
@@ -27,6 +28,7 @@ from .fit import fit_b, fit_b_authors
 from .loss import LOSS_FUNCTIONS, NEGATIVES, fit_objective, other_view, scores, unified_loss
 from .metrics import cosine, grad_errors
 from .network import GradientComparison, LinearNet, compare_gradients, init_weights
+from .rank import fit_b_rank, rank, rank_cosine_closed_form, truncate
 from .report import TheoryResult
 from .views import mnist_patch_views, mnist_quadrant_batches, synthetic_views
 
@@ -53,6 +55,7 @@ __all__ = [
     "dfb",
     "fit_b",
     "fit_b_authors",
+    "fit_b_rank",
     "fit_objective",
     "grad_errors",
     "init_weights",
@@ -61,11 +64,14 @@ __all__ = [
     "orthogonal_conv_kernel",
     "other_view",
     "projection",
+    "rank",
+    "rank_cosine_closed_form",
     "run_theory",
     "scores",
     "synthetic_views",
     "theorem31",
     "theory_main",
+    "truncate",
     "unified_loss",
     "unrolled_operator",
 ]

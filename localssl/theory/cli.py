@@ -16,7 +16,9 @@ the authors' seed 42 alone. ``--layout one-pair`` is the earlier setting (one
 pair per image, columns alternating, L2 0.01 per B, negative scored with the
 context's B, plain float64 init). ``ablation`` changes one of these choices
 at a time (and fits B as the authors run it, float32 L-BFGS, for seed 42);
-it is not part of ``all``.
+it is not part of ``all``. ``rank`` (not in ``all`` either) limits every B to
+rank r (CLAPP++'s ``b_rank``): the local-vs-BP cosine per layer for each
+``--ranks``, against a closed form with ``--f linear``.
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ from typing import Any
 from ..registry import Registry
 from . import linear as _linear
 from .conv import conv as _conv_experiment
+from .rank import rank as _rank_experiment
 from .report import TheoryResult
 
 __all__ = ["EXPERIMENTS", "add_theory_parser", "run_theory", "theory_main"]
@@ -42,11 +45,12 @@ EXPERIMENTS.register("dfb")(_linear.dfb)
 EXPERIMENTS.register("conv")(_conv_experiment)
 EXPERIMENTS.register("projection")(_linear.projection)
 EXPERIMENTS.register("ablation")(_linear.broken_ablation)
+EXPERIMENTS.register("rank")(_rank_experiment)
 
 #: the order of ``all``
 ORDER = ("theorem31", "broken", "dfb", "conv", "projection")
 #: experiments run only when named (slow, or about one experiment's choices)
-EXTRA = ("ablation",)
+EXTRA = ("ablation", "rank")
 
 
 def run_theory(experiment: str = "all", *, f: str = "logistic", seeds: int | None = None,
@@ -120,6 +124,8 @@ def add_theory_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
     p.add_argument("--batches", type=int, default=None, help="number of batches (default: per experiment)")
     p.add_argument("--preprocess", default=None, choices=list(_linear.MNIST_PREPROCESS),
                    help="MNIST pixel preprocessing (default: normalize)")
+    p.add_argument("--ranks", type=int, nargs="+", default=None,
+                   help="rank only: the ranks r of B to compare (default: 1 2 4 8 width/2 width)")
     p.add_argument("--no-plot", action="store_true", help="do not write PNG plots")
     p.set_defaults(func=theory_main)
     return p
@@ -138,6 +144,8 @@ def theory_main(args: argparse.Namespace) -> int:
         extra["layout"] = args.layout
     if getattr(args, "lam", None) is not None:
         extra["lam"] = args.lam
+    if getattr(args, "ranks", None):
+        extra["ranks"] = args.ranks
     try:
         run_theory(args.experiment, f=args.f, seeds=args.seeds, mnist_dir=args.mnist_dir,
                    out_dir=args.out, json=args.json, plot=not getattr(args, "no_plot", False), **extra)
