@@ -63,26 +63,53 @@ class BenchState:
         return sum(p.numel() for g in self.optimizer.param_groups for p in g["params"])
 
 
+#: Separates a rule's name from the options of one benched variant of it: ``clapp++@b_rank=64,b_dtype=bf16``.
+VARIANT_SEP = "@"
+
+
+def split_variant(spec: str) -> tuple[str, dict[str, str]]:
+    """``"clapp++@b_rank=64,b_optimizer=sgd"`` -> ``("clapp++", {"b_rank": "64", "b_optimizer": "sgd"})``.
+
+    A benched rule may be a variant of a registered rule with options of its
+    own (``--rules clapp++ clapp++@b_rank=64``): the label names the row in
+    every table, so variants of one rule run side by side.
+    """
+    name, sep, rest = spec.partition(VARIANT_SEP)
+    if not sep:
+        return spec, {}
+    if not rest.strip():
+        raise ValueError(f"rule variant {spec!r}: expected NAME{VARIANT_SEP}KEY=VALUE[,KEY=VALUE...]")
+    out = {}
+    for item in rest.split(","):
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise ValueError(f"rule variant {spec!r}: expected KEY=VALUE, got {item!r}")
+        out[key.strip()] = value.strip()
+    return name, out
+
+
 def bench_config(rule_name: str, encoder_name: str, width: float, encoder_options: Mapping[str, Any] | None = None,
                  rule_options: Mapping[str, Any] | None = None) -> TrainConfig:
     """The `TrainConfig` a bench row trains with: defaults (grids fitted to the size) but for the options asked.
 
     ``rule_options`` are shared by every benched rule (``--rule-opt``): each
     rule takes the keys it has (`builder.options_for`), so a head option
-    reaches a blockwise rule and its BP twin alike.
+    reaches a blockwise rule and its BP twin alike. ``rule_name`` may be a
+    variant (`split_variant`): its own options go over the shared ones.
     """
     from localssl.builder import options_for
 
-    return TrainConfig(rule=rule_name, encoder=encoder_name, width=width,
+    name, own = split_variant(rule_name)
+    return TrainConfig(rule=name, encoder=encoder_name, width=width,
                        encoder_options=dict(encoder_options) if encoder_options else None,
-                       rule_options=options_for(rule_name, rule_options) or None)
+                       rule_options={**options_for(name, rule_options), **own} or None)
 
 
 def check_rule_options(rules: Sequence[str], rule_options: Mapping[str, Any] | None) -> None:
     """A ``--rule-opt`` key that no benched rule takes is an error listing the keys they do take."""
     from localssl.rules import RULES
 
-    known = {f.name for r in rules for f in fields(RULES.get(r).options)}
+    known = {f.name for r in rules for f in fields(RULES.get(split_variant(r)[0]).options)}
     unknown = sorted(set(rule_options or {}) - known)
     if unknown:
         raise ValueError(f"rule option {', '.join(map(repr, unknown))} is taken by none of the rules benched "
@@ -112,8 +139,11 @@ def bp_twins(rules: Sequence[str], encoder_name: str, width: float, image_size: 
         except BUILD_ERRORS:
             local[r] = None
     reference = next((r for r in rules if local[r] is False), None)
-    return {r: bp_counterpart(r) if local[r] is not False and bp_counterpart(r) in local else reference
-            for r in rules}
+    def twin(r: str) -> str | None:
+        other = bp_counterpart(split_variant(r)[0])
+        return other if local[r] is not False and other in local else reference
+
+    return {r: twin(r) for r in rules}
 
 
 def build_state(
@@ -129,7 +159,8 @@ def build_state(
     encoder_options: Mapping[str, Any] | None = None,
     rule_options: Mapping[str, Any] | None = None,
 ) -> BenchState:
-    """Encoder + rule + AdamW (lr 2e-4, wd 0, METHODS 2.4), as `localssl train` builds them (`localssl.builder`)."""
+    """Encoder + rule + AdamW (lr 2e-4, wd 0, METHODS 2.4), as `localssl train` builds them (`localssl.builder`;
+    a rule's parameters with an optimizer hint, e.g. ``b_optimizer=sgd``, in their own optimizer)."""
     from localssl.builder import build_model, build_optimizer
 
     torch.manual_seed(seed)  # the same encoder init for every rule

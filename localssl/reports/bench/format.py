@@ -170,13 +170,18 @@ def format_report(res: dict[str, Any]) -> str:
                 f"{rule['numel'] / enc['numel']:.1f}x",
                 _mib(enc["total_bytes"]), _mib(rule["total_bytes"]),
                 _mib(p["total_bytes"] + d["peak_saved_activation_bytes"]),
+                f"{d['whole_vs_bp']:.2f}x" if "whole_vs_bp" in d else "-",
             ])
         out.append(_table(["rule", "act", "BP twin", "vs twin", "vs floor", f"<= {MEMORY_TARGET}x", "enc params",
-                           "rule params", "rule/enc", "enc p+g+opt", "rule p+g+opt", "p+g+opt+act"], rows))
+                           "rule params", "rule/enc", "enc p+g+opt", "rule p+g+opt", "p+g+opt+act", "vs twin"],
+                          rows))
         out += errors
         out += _group_lines(m)
-        out.append("   p+g+opt = parameters + gradients + AdamW state (2 per parameter), fp32: 16 bytes per "
-                   "trainable parameter. rule params = B matrices / projection / head.")
+        out.append("   p+g+opt = parameters + gradients + optimizer state as held after a step (AdamW: 2 tensors per "
+                   "parameter, 16 bytes per fp32 parameter in all; a B in momentum SGD, b_optimizer=sgd: 1, 12 bytes; "
+                   "plain SGD: none, 8 bytes). rule params = B matrices (U and V for a low-rank B) / projection / "
+                   "head. p+g+opt+act = that plus the peak saved activations: the whole training state, vs twin = "
+                   "against the BP twin's. A label NAME@KEY=VALUE is a variant of rule NAME with those options.")
         if f["floor_ratio"] > MEMORY_TARGET:
             out.append(f"   The {MEMORY_TARGET}x target lies below this encoder's floor against BP "
                        f"({f['floor_ratio']:.2f}): no block-by-block loop meets it without micro-batching inside "
@@ -307,13 +312,15 @@ def _changed_rule_options(resolved: dict[str, dict[str, Any]]) -> dict[str, Any]
     """The options a bench ran with that differ from their rule's defaults (``--rule-opt``), over all its rules."""
     from dataclasses import asdict
 
+    from localssl.reports.bench.common import split_variant
     from localssl.rules import RULES
 
     out: dict[str, Any] = {}
-    for rule, opts in resolved.items():
+    for label, opts in resolved.items():
+        rule, own = split_variant(label)
         if rule not in RULES:  # a result of a version with other rules
             continue
-        defaults = asdict(RULES.get(rule).options())
+        defaults = {k: v for k, v in asdict(RULES.get(rule).options()).items() if k not in own}  # the label says
         out.update({k: v for k, v in opts.items() if k in defaults and defaults[k] != v})
     return out
 

@@ -22,6 +22,7 @@ from localssl.reports.bench.common import (
     bench_config,
     bp_twins,
     check_rule_options,
+    split_variant,
     dtype_name,
     rule_variants,
     variant_label,
@@ -170,7 +171,8 @@ def run_bench(
     check_rule_options(rules, rule_options)
     twins = bp_twins(rules, encoder, width, speed_size, encoder_options)
     # What each rule trains with, every default written out: a figure says which head it measured.
-    resolved_rules = {r: resolve_rule_options(r, bench_config(r, encoder, width, None, rule_options).rule_options)
+    resolved_rules = {r: resolve_rule_options(split_variant(r)[0],
+                                              bench_config(r, encoder, width, None, rule_options).rule_options)
                       for r in rules}
     # The shared --rule-opt mapping, as each rule's own options (what the measuring tools take).
     per_rule = {r: bench_config(r, encoder, width, None, rule_options).rule_options for r in rules}
