@@ -175,4 +175,5 @@ def build_step(cfg: TrainConfig, rule: Rule, total_steps: int) -> Step:
     return PlainStep()
 
 
-__all__ = ["Model", "build_model", "resolve", "build_optimizer", "HINT_OPTIMIZERS", "build_views", "build_step", "options_for"]
+__all__ = ["Model", "build_model", "resolve", "build_optimizer", "HINT_OPTIMIZERS", "build_views", "build_step",
+           "options_for"]

@@ -7,8 +7,8 @@ import torch
 from localssl.theory import LinearNet, compare_gradients, fit_b, init_weights, other_view, synthetic_views
 from localssl.theory.common import DTYPE
 from localssl.theory.loss import fit_objective
-from localssl.theory.rank import fit_b_rank, rank, rank_cosine_closed_form, truncate
 from localssl.theory.metrics import cosine
+from localssl.theory.rank import fit_b_rank, rank, rank_cosine_closed_form, truncate
 
 
 def _layer_batch(width: int = 12, n: int = 16, seed: int = 0):

@@ -32,7 +32,8 @@ from localssl.rules.registry import RULES, bp_counterpart, build_rule, register_
 from localssl.rules.scff import SCFF, SCFFOptions
 
 __all__ = [
-    "RULES", "FEEDBACK_KINDS", "Group", "Inference", "OptimizerHint", "Rule", "RuleOptions", "build_rule", "check_groups",
+    "RULES", "FEEDBACK_KINDS", "Group", "Inference", "OptimizerHint", "Rule", "RuleOptions", "build_rule",
+    "check_groups",
     "register_rule", "rule_options", "resolve_rule_options", "bp_counterpart",
     "Blockwise", "Head", "inject_noise",
     "SCFF", "SCFFOptions", "PatchPredictive", "CPCOptions", "CLAPP2021Options",

@@ -23,7 +23,6 @@ from localssl.rules.feedback import B_DTYPES, Feedback
 from localssl.rules.losses import CONTRASTIVE_F, contrastive_loss, spatial_pool, swap_views
 from localssl.rules.registry import register_rule
 
-
 #: b_optimizer: "same" (the run's optimizer) or an optimizer without second-moment state.
 B_OPTIMIZERS = ("same", "sgd")
 

@@ -141,10 +141,8 @@ def rank(*, f: str = "linear", seeds: int | Sequence[int] = 2, mnist_dir: str | 
         for seed in seed_list:
             net = LinearNet(init_weights(widths, "orthogonal", seed))
             for x in _batches(v1, v2, batch_size):
-                kw = dict(lam=lam, shared=shared_b, method=method)
-
-                def low(key, z, c):
-                    return fit_b_rank(z, c, f, r, **kw)
+                def low(key, z, c, r=r):
+                    return fit_b_rank(z, c, f, r, lam=lam, shared=shared_b, method=method)
 
                 def dense_top(key, z, c):
                     return fit_b(z, c, f, lam=lam, shared=shared_b) if key == "top" else low(key, z, c)

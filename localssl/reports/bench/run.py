@@ -22,9 +22,9 @@ from localssl.reports.bench.common import (
     bench_config,
     bp_twins,
     check_rule_options,
-    split_variant,
     dtype_name,
     rule_variants,
+    split_variant,
     variant_label,
 )
 from localssl.reports.bench.flops import measure_flops
