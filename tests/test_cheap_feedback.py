@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import io
 import json
 
@@ -371,3 +372,23 @@ def test_no_hint_keeps_the_single_adamw():
     enc, shapes = _vgg()
     opt = build_optimizer(enc, build_rule("clapp++", shapes, {"b_rank": 2}, grids=GRIDS), 1e-3, 0.0)
     assert isinstance(opt, torch.optim.AdamW) and len(opt.param_groups) == 1
+
+
+def test_a_run_saved_before_the_cheap_b_options_still_resumes(tmp_path, monkeypatch):
+    """A checkpoint whose rule options lack b_rank & co. (written before they existed) resumes: it trained with
+    their defaults, which are the earlier behaviour; asking for another value is still refused."""
+    from localssl.engine.checkpoint import CHECKPOINT
+    from localssl.engine.trainer import train
+    from tests.test_trainer import tiny_cfg
+
+    monkeypatch.setenv("LOCALSSL_CACHE", str(tmp_path / "cache"))
+    cfg = tiny_cfg(tmp_path, max_steps=2, checkpoint_every=1)
+    run = train(cfg)
+    state = torch.load(run / CHECKPOINT, weights_only=True)
+    for key in ("b_rank", "b_dtype", "b_optimizer", "b_momentum", "b_lr_scale"):
+        del state["config"]["rule_options"][key]
+    torch.save(state, run / CHECKPOINT)
+    train(dataclasses.replace(cfg, max_steps=3), resume=True)
+    assert torch.load(run / CHECKPOINT, weights_only=True)["step"] == 3
+    with pytest.raises(ConfigError, match="cannot resume with a different config: rule_options"):
+        train(dataclasses.replace(cfg, max_steps=4, rule_options={"b_rank": 2}), resume=True)

@@ -129,6 +129,10 @@ def resume_config(cfg: TrainConfig, saved: TrainConfig,
     holds its data's identity, so the data, not its folder, must match.
     """
     saved_d = to_dict(saved)
+    if saved.rule_options:
+        # A run of an earlier version lacks the rule options added since (e.g. CLAPP++'s b_rank): it trained
+        # with their defaults, which by the rules' contract are the earlier behaviour, so it compares as that.
+        saved_d["rule_options"] = resolve_rule_options(saved.rule, saved.rule_options)
     cfg = replace_config(cfg, **{k: saved_d[k] for k in RESOLVED_AT_START
                                  if getattr(cfg, k) is None and saved_d.get(k) is not None})
     if cfg.encoder == saved.encoder and cfg.encoder_options and saved.encoder_options:
