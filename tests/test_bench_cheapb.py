@@ -10,11 +10,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from localssl.reports.bench.common import bench_config, bp_twins, build_state, check_rule_options, split_variant
+from localssl.reports.bench.common import bench_config, bp_twins, build_state, check_rule_options
 from localssl.reports.bench.flops import step_flops
 from localssl.reports.bench.memory import measure_memory, parameter_memory, training_state_bytes
 from localssl.reports.bench.run import run_bench
-from localssl.rules import feedback_flops
+from localssl.rules import feedback_flops, split_variant
 
 WIDTH, SIZE, BATCH = 1 / 32, 32, 2  # VGG-6 channels 4, 8, 8, 16, 32, 32; grids 8, 4, 4, 4, 2, 2 at 32 px
 DIMS = [4 * 64, 8 * 16, 8 * 16, 16 * 16, 32 * 4, 32 * 4]  # channels x grid^2 per layer: B^l is DIMS[l] square

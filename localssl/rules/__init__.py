@@ -28,13 +28,21 @@ from localssl.rules.losses import (
 )
 from localssl.rules.patches import CLAPP2021Options, CPCOptions, PatchPredictive
 from localssl.rules.pc import PCOptions, PredictiveCoding
-from localssl.rules.registry import RULES, bp_counterpart, build_rule, register_rule, resolve_rule_options, rule_options
+from localssl.rules.registry import (
+    RULES,
+    bp_counterpart,
+    build_rule,
+    register_rule,
+    resolve_rule_options,
+    rule_options,
+    split_variant,
+)
 from localssl.rules.scff import SCFF, SCFFOptions
 
 __all__ = [
     "RULES", "FEEDBACK_KINDS", "Group", "Inference", "OptimizerHint", "Rule", "RuleOptions", "build_rule",
     "check_groups",
-    "register_rule", "rule_options", "resolve_rule_options", "bp_counterpart",
+    "register_rule", "rule_options", "resolve_rule_options", "bp_counterpart", "split_variant",
     "Blockwise", "Head", "inject_noise",
     "SCFF", "SCFFOptions", "PatchPredictive", "CPCOptions", "CLAPP2021Options",
     "CLAPPPlusPlus", "BPCLAPPPlusPlus", "ContrastiveOptions", "BPInfoNCE", "InfoNCEOptions", "Feedback",

@@ -76,6 +76,33 @@ def resolve_rule_options(name: str, options: Mapping[str, Any] | None) -> dict[s
     return asdict(rule_options(name, options))
 
 
+#: Separates a rule's name from the options of one variant of it: ``clapp++@b_rank=64,b_dtype=bf16``.
+VARIANT_SEP = "@"
+
+
+def split_variant(label: str) -> tuple[str, dict[str, str]]:
+    """``"clapp++@b_rank=64,b_optimizer=sgd"`` -> ``("clapp++", {"b_rank": "64", "b_optimizer": "sgd"})``.
+
+    A variant is a registered rule with options of its own, under a label of
+    its own, so that `localssl bench` and `localssl compare` can run several
+    variants of one rule side by side (``--rules clapp++ clapp++@b_rank=64``).
+    A plain name is its own label with no options. The values are strings,
+    typed by the rule's options dataclass like ``--rule-opt`` values.
+    """
+    name, sep, rest = label.partition(VARIANT_SEP)
+    if not sep:
+        return label, {}
+    if not rest.strip():
+        raise ValueError(f"rule variant {label!r}: expected NAME{VARIANT_SEP}KEY=VALUE[,KEY=VALUE...]")
+    out = {}
+    for item in rest.split(","):
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise ValueError(f"rule variant {label!r}: expected KEY=VALUE, got {item!r}")
+        out[key.strip()] = value.strip()
+    return name, out
+
+
 def bp_counterpart(name: str) -> str | None:
     """The end-to-end rule a local rule's gradient is compared with (None: none registered)."""
     return RULES.get(name).counterpart
@@ -99,4 +126,4 @@ def build_rule(
 
 
 __all__ = ["RULES", "RuleEntry", "register_rule", "rule_options", "resolve_rule_options", "bp_counterpart",
-           "build_rule"]
+           "build_rule", "split_variant", "VARIANT_SEP"]

@@ -11,7 +11,7 @@ import torch
 from localssl.config import TrainConfig
 from localssl.data.augment import ViewBatch, ViewLayout
 from localssl.models import BlockEncoder
-from localssl.rules import Rule
+from localssl.rules import Rule, split_variant
 
 #: The rules of the README's VGG-6 figure (issue 2), which `localssl bench` runs when no --rules are given.
 DEFAULT_RULES = ("clapp++", "clapp++global", "bp-infonce")
@@ -63,31 +63,6 @@ class BenchState:
         return sum(p.numel() for g in self.optimizer.param_groups for p in g["params"])
 
 
-#: Separates a rule's name from the options of one benched variant of it: ``clapp++@b_rank=64,b_dtype=bf16``.
-VARIANT_SEP = "@"
-
-
-def split_variant(spec: str) -> tuple[str, dict[str, str]]:
-    """``"clapp++@b_rank=64,b_optimizer=sgd"`` -> ``("clapp++", {"b_rank": "64", "b_optimizer": "sgd"})``.
-
-    A benched rule may be a variant of a registered rule with options of its
-    own (``--rules clapp++ clapp++@b_rank=64``): the label names the row in
-    every table, so variants of one rule run side by side.
-    """
-    name, sep, rest = spec.partition(VARIANT_SEP)
-    if not sep:
-        return spec, {}
-    if not rest.strip():
-        raise ValueError(f"rule variant {spec!r}: expected NAME{VARIANT_SEP}KEY=VALUE[,KEY=VALUE...]")
-    out = {}
-    for item in rest.split(","):
-        key, eq, value = item.partition("=")
-        if not eq or not key.strip():
-            raise ValueError(f"rule variant {spec!r}: expected KEY=VALUE, got {item!r}")
-        out[key.strip()] = value.strip()
-    return name, out
-
-
 def bench_config(rule_name: str, encoder_name: str, width: float, encoder_options: Mapping[str, Any] | None = None,
                  rule_options: Mapping[str, Any] | None = None) -> TrainConfig:
     """The `TrainConfig` a bench row trains with: defaults (grids fitted to the size) but for the options asked.
@@ -95,7 +70,8 @@ def bench_config(rule_name: str, encoder_name: str, width: float, encoder_option
     ``rule_options`` are shared by every benched rule (``--rule-opt``): each
     rule takes the keys it has (`builder.options_for`), so a head option
     reaches a blockwise rule and its BP twin alike. ``rule_name`` may be a
-    variant (`split_variant`): its own options go over the shared ones.
+    variant (`localssl.rules.split_variant`, ``clapp++@b_rank=64``): its own
+    options go over the shared ones, and its label names its rows.
     """
     from localssl.builder import options_for
 

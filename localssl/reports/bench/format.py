@@ -312,8 +312,7 @@ def _changed_rule_options(resolved: dict[str, dict[str, Any]]) -> dict[str, Any]
     """The options a bench ran with that differ from their rule's defaults (``--rule-opt``), over all its rules."""
     from dataclasses import asdict
 
-    from localssl.reports.bench.common import split_variant
-    from localssl.rules import RULES
+    from localssl.rules import RULES, split_variant
 
     out: dict[str, Any] = {}
     for label, opts in resolved.items():

@@ -24,14 +24,13 @@ from localssl.reports.bench.common import (
     check_rule_options,
     dtype_name,
     rule_variants,
-    split_variant,
     variant_label,
 )
 from localssl.reports.bench.flops import measure_flops
 from localssl.reports.bench.memory import measure_memory
 from localssl.reports.bench.rss import peak_rss
 from localssl.reports.bench.speed import Schedule, loadavg, measure_speed
-from localssl.rules import resolve_rule_options
+from localssl.rules import resolve_rule_options, split_variant
 
 #: Widths timed by default: the README's 0.25 and the paper's full width.
 DEFAULT_WIDTHS = (0.25, 1.0)

@@ -40,7 +40,7 @@ def baseline(tcfgs: dict[str, TrainConfig]) -> tuple[str | None, dict[str, Any] 
     if bp is not None:
         return bp, None
     first = next(iter(tcfgs))
-    other = bp_counterpart(first)
+    other = bp_counterpart(tcfgs[first].rule)  # the rule's name, whatever its label (a variant's)
     return (other, options_for(other, tcfgs[first].rule_options)) if other else (None, None)
 
 

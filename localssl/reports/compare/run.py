@@ -60,14 +60,18 @@ def duration(seconds: float) -> str:
 
 def validate_compare(cfg: CompareConfig) -> None:
     """Every setting of ``cfg`` checked before anything is trained (each run's and the probe's checks too)."""
-    from localssl.rules import RULES
+    from localssl.rules import RULES, split_variant
 
     if not cfg.rules:
         raise ConfigError("compare needs --rules (two or more rules to compare; `localssl rules` lists them)")
     twice = sorted({r for r in cfg.rules if cfg.rules.count(r) > 1})
     if twice:
         raise ConfigError(f"rules {', '.join(twice)} listed twice: every rule trains once, in its own folder")
-    unknown = [r for r in cfg.rules if r not in RULES]
+    try:  # a label may be a variant of a rule (`localssl.rules.split_variant`): clapp++@b_rank=64
+        names = [split_variant(r)[0] for r in cfg.rules]
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    unknown = [r for r in names if r not in RULES]
     if unknown:
         raise ConfigError(f"unknown rule(s) {', '.join(unknown)}; valid: {', '.join(RULES.names())}")
     if cfg.budget is None or cfg.budget < 1:

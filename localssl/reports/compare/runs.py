@@ -39,6 +39,7 @@ def train_config(cfg: CompareConfig, rule: str) -> TrainConfig:
     """
     from localssl.builder import resolve
     from localssl.data import dataset_spec
+    from localssl.rules import split_variant
 
     # Every field the two configs share by name is the comparison's, so a TrainConfig field added later
     # (the optimizer and schedule once were missing here) reaches every rule without a line more.
@@ -50,8 +51,11 @@ def train_config(cfg: CompareConfig, rule: str) -> TrainConfig:
         values.update(encoder_options=None, grids=None)
     elif "encoder_options" in recipe:
         recipe["encoder_options"] = {**(cfg.encoder_options or {}), **(recipe["encoder_options"] or {})}
-    own = {"rule": rule, "rule_options": (cfg.rule_options or {}).get(rule), "max_steps": cfg.budget,
-           "out": str(Path(cfg.out) / rule)}
+    # ``rule`` is a label: a rule's name, or a variant of it with options of its own (clapp++@b_rank=64,
+    # `localssl.rules.split_variant`), trained in its own folder; ``--rule-opt LABEL:KEY=VALUE`` goes over those.
+    name, variant = split_variant(rule)
+    options = {**variant, **((cfg.rule_options or {}).get(rule) or {})} or None
+    own = {"rule": name, "rule_options": options, "max_steps": cfg.budget, "out": str(Path(cfg.out) / rule)}
     tcfg = from_dict(TrainConfig, {**values, **recipe, **own})
     size = tcfg.resize or dataset_spec(cfg.dataset).image_size
     if size is None:  # imagefolder: its size is known once its images are read; train() resolves it then
