@@ -53,7 +53,9 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     p.add_argument("--wide-rounds", type=int, default=5,
                    help=f"--rounds for widths from {WIDE_WIDTH} (default: 5)")
     p.add_argument("--rules", nargs="+", default=list(DEFAULT_RULES),
-                   help=f"rules to compare (default: {' '.join(DEFAULT_RULES)})")
+                   help=f"rules to compare (default: {' '.join(DEFAULT_RULES)}); a variant of a rule with options of "
+                        "its own is RULE@KEY=VALUE[,KEY=VALUE], its own row (e.g. clapp++ clapp++@b_rank=64 "
+                        "clapp++@b_rank=64,b_optimizer=sgd clapp++@b_dtype=bf16 bp-infonce)")
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1 ...")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--no-channels-last", dest="channels_last", action="store_false",

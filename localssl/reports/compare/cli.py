@@ -4,7 +4,8 @@ from __future__ import annotations
 import argparse
 
 HELPS = {
-    "rules": "rules to compare, each trained into OUT/<rule>/ (`localssl rules` lists them)",
+    "rules": "rules to compare, each trained into OUT/<rule>/ (`localssl rules` lists them); a variant of a rule "
+             "with options of its own is RULE@KEY=VALUE[,KEY=VALUE] (e.g. clapp++@b_rank=64), its own row and folder",
     "rule_options": "one rule's own option as RULE:KEY=VALUE, repeatable, over the config file's (YAML: "
                     "rule_options: {RULE: {KEY: VALUE}}); a rule without any: its defaults",
     "budget": "training steps of every rule (required); a larger one later resumes every run",
