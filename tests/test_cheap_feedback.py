@@ -392,3 +392,43 @@ def test_a_run_saved_before_the_cheap_b_options_still_resumes(tmp_path, monkeypa
     assert torch.load(run / CHECKPOINT, weights_only=True)["step"] == 3
     with pytest.raises(ConfigError, match="cannot resume with a different config: rule_options"):
         train(dataclasses.replace(cfg, max_steps=4, rule_options={"b_rank": 2}), resume=True)
+
+
+# ------------------------------------------------------------------ the registry contracts, on the variants
+
+CHEAP = [{"b_rank": 3}, {"b_dtype": "bf16"}, {"b_rank": 3, "b_optimizer": "sgd", "b_lr_scale": 5.0}]
+
+
+def _cheap_pairs():
+    from localssl.builder import options_for
+    from tests.test_rules import FEEDBACK_RULES
+
+    out = []
+    for name in FEEDBACK_RULES:
+        for opts in CHEAP:
+            try:
+                build_rule(name, [(4, 4, 4)], options_for(name, opts), grids=[2])
+            except ConfigError:  # dfa's B is fixed by definition: it takes no B optimizer (named in the error)
+                continue
+            out.append((name, opts))
+    return out
+
+
+@pytest.mark.parametrize("name, opts", _cheap_pairs(), ids=lambda v: v if isinstance(v, str) else
+                         ",".join(f"{k}={x}" for k, x in v.items()))
+def test_registry_contracts_hold_for_the_cheap_b_options(name, opts, monkeypatch):
+    """The per-group contracts of tests/test_rules.py (ownership, routing, per-group == summed backward,
+    micro-batching, every trainable parameter moves, and for the options that keep one optimizer the
+    bitwise one-step-at-the-end contract) on every feedback rule with each cheap-B option set."""
+    import tests.test_rules as tr
+
+    real_setup = tr.setup
+    monkeypatch.setattr(tr, "setup", lambda rule_name, case="vgg", seed=0, **o: real_setup(
+        rule_name, case, seed, **{**opts, **o}))
+    tr.test_parameter_ownership(name, "vgg")
+    tr.test_gradient_routing(name, "vgg", None, monkeypatch)
+    tr.test_per_group_backward_equals_summed_backward(name, "vgg")
+    tr.test_micro_batched_step_gives_the_plain_gradients(name, "vgg", 3)
+    tr.test_one_step_changes_every_trainable_parameter(name, "vgg")
+    if "b_optimizer" not in opts and name in tr.DISJOINT_RULES:  # the SGD-B form: its own test above
+        tr.test_one_step_at_the_end_equals_a_step_after_every_group(name, "adamw")
