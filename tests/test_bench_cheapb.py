@@ -21,14 +21,6 @@ DIMS = [4 * 64, 8 * 16, 8 * 16, 16 * 16, 32 * 4, 32 * 4]  # channels x grid^2 pe
 DEV = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _state(label: str):
     return build_state(label, "vgg6", WIDTH, SIZE, DEV, None, False, 0)
 

@@ -32,10 +32,13 @@ def _weights(run_dir):
     return load_checkpoint(run_dir / CHECKPOINT)["encoder"]
 
 
-@pytest.mark.parametrize("rule", ["clapp++", "bp-infonce", "pc"])  # pc: its own step, predictive coding's inference
-def test_resume_mid_epoch_matches_uninterrupted(tmp_path, route_steps, monkeypatch, rule):
+# pc: its own step, predictive coding's inference; clapp++ with a low-rank B in its own SGD (issue 14): the
+# optimizer is then an OptimizerSet, whose state must come back too.
+@pytest.mark.parametrize("rule, options", [("clapp++", None), ("bp-infonce", None), ("pc", None),
+                                           ("clapp++", {"b_rank": 4, "b_optimizer": "sgd", "b_lr_scale": 10.0})])
+def test_resume_mid_epoch_matches_uninterrupted(tmp_path, route_steps, monkeypatch, rule, options):
     """A crash after step 4 (last checkpoint: step 3, mid-epoch) + --resume == one clean run."""
-    clean = train(tiny_cfg(tmp_path, rule=rule, out=str(tmp_path / "clean")))
+    clean = train(tiny_cfg(tmp_path, rule=rule, rule_options=options, out=str(tmp_path / "clean")))
 
     calls = {"n": 0}
 
@@ -46,7 +49,7 @@ def test_resume_mid_epoch_matches_uninterrupted(tmp_path, route_steps, monkeypat
         return real_step(*a, **kw)
 
     route_steps(crashing_step)
-    cfg = tiny_cfg(tmp_path, rule=rule, out=str(tmp_path / "crashed"))
+    cfg = tiny_cfg(tmp_path, rule=rule, rule_options=options, out=str(tmp_path / "crashed"))
     with pytest.raises(KeyboardInterrupt):
         train(cfg)
     state = load_checkpoint(tmp_path / "crashed" / CHECKPOINT)
@@ -58,6 +61,10 @@ def test_resume_mid_epoch_matches_uninterrupted(tmp_path, route_steps, monkeypat
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+    ra, rb = (load_checkpoint(r / CHECKPOINT)["rule"] for r in (clean, resumed))  # B and heads alike
+    assert ra.keys() == rb.keys()
+    for k in ra:
+        assert torch.equal(ra[k], rb[k]), k
     # The metric log describes one trajectory: steps 1..6 once each.
     steps = [json.loads(line)["step"] for line in (resumed / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 7))
