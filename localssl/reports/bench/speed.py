@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from localssl.engine.optim import OptimizerSet
 from localssl.reports.bench.common import (
     AUGMENT_TARGET,
     BUILD_ERRORS,
@@ -202,8 +203,12 @@ def _time_width(variants: list[dict[str, Any]], encoder: str, width: float, sche
             check_fits(planned + need, available, what)
             planned += need
             if v.get("unfused"):
-                st.optimizer = torch.optim.AdamW(st.optimizer.param_groups[0]["params"], lr=2e-4, weight_decay=0.0,
-                                                 fused=False)
+                unfused = torch.optim.AdamW(st.optimizer.param_groups[0]["params"], lr=2e-4, weight_decay=0.0,
+                                            fused=False)
+                if isinstance(st.optimizer, OptimizerSet):  # a hinted B keeps its own optimizer (b_optimizer=sgd)
+                    st.optimizer.optimizers[0] = unfused
+                else:
+                    st.optimizer = unfused
             states[k] = st
         except BUILD_ERRORS as e:
             v["error"] = error_text(e)
