@@ -45,6 +45,8 @@ class ContrastiveOptions(RuleOptions):
        0: dense.
     b_dtype: fp32, or bf16: the B matmul in bfloat16 from fp32 master weights
        (gradients and optimizer state fp32; slow on CPUs without native bf16).
+       Under ``--amp bf16`` autocast already runs this matmul in bf16 from the
+       fp32 weights; b_dtype=bf16 gives that to B alone in an fp32 run.
     b_optimizer: "same" (B in the run's optimizer, AdamW by default) or "sgd":
        momentum SGD for B alone (one buffer per B, b_momentum 0: none),
        without AdamW's second moment; the encoder keeps the run's optimizer.
