@@ -59,20 +59,23 @@ def contracts(out: str) -> None:
     from localssl.builder import options_for
     from localssl.data.augment import ViewBatch
     from localssl.engine.step import PlainStep
-    from localssl.rules import RULES, build_rule
+    from localssl.rules import RULES, build_rule, rule_options
 
     torch.set_default_dtype(torch.float64)
     cluster = D.Cluster(60, torch.device("cpu"))
     r, n = cluster.rank, cluster.world
-    failures = {}
+    failures, own_step = {}, []
     for name in RULES.names():
+        if RULES.get(name).factory([(4,)], rule_options(name), [1]).schedule != "simultaneous":
+            own_step.append(name)  # a step of its own (inference, sequential): refused data-parallel, by test
+            continue
         torch.manual_seed(0)
-        enc, in_shape, grids = T.CASES["vgg"]()
+        enc, in_shape, grids = T.CASES[T.supported_case(name, "vgg")]()  # the patch rules need finer maps
         rule = build_rule(name, enc.feature_shapes(in_shape), options_for(name, {"proj_dim": 16}), grids=grids)
         views = T.make_views(in_shape, 0, dtype=torch.float64, layout=rule.layout)
         x = views.x if isinstance(views, ViewBatch) else views
         lay = rule.layout
-        if lay.stacking == "rows":
+        if lay.stacking in ("rows", "pairs"):  # pairs: [positives; negatives], split as two halves
             b = x.shape[0] // lay.n // n
             mine = torch.cat([v[r * b:(r + 1) * b] for v in x.chunk(lay.n)])
         else:
@@ -80,7 +83,9 @@ def contracts(out: str) -> None:
             mine = x[r * b:(r + 1) * b]
         mine = ViewBatch(mine, lay) if isinstance(views, ViewBatch) else mine
         ref_enc, ref_rule = copy.deepcopy(enc), copy.deepcopy(rule)
+        T.same_draws()  # rules that draw negatives or updates draw the same on both sides
         ref_losses = PlainStep()(ref_enc, ref_rule, None, views)
+        T.same_draws()
         losses = D.DataParallelStep(cluster)(enc, rule, None, mine)
         got = dict(enc.named_parameters()) | {f"rule.{k}": p for k, p in rule.named_parameters()}
         ref = dict(ref_enc.named_parameters()) | {f"rule.{k}": p for k, p in ref_rule.named_parameters()}
@@ -94,7 +99,8 @@ def contracts(out: str) -> None:
             failures[name] = [(k, float((got[k].grad - ref[k].grad).abs().max()), float(ref[k].grad.abs().max()))
                               if k in ref and got[k].grad is not None and ref[k].grad is not None else k
                               for k in bad[:5]]
-    json.dump({"rules": RULES.names(), "failures": failures}, open(os.path.join(out, f"contracts_{r}.json"), "w"))
+    with open(os.path.join(out, f"contracts_{r}.json"), "w") as fh:
+        json.dump({"rules": RULES.names(), "own_step": own_step, "failures": failures}, fh)
     cluster.close()
 
 

@@ -88,6 +88,8 @@ def test_every_rule_trains_data_parallel_as_one_process(tmp_path):
         res = json.loads((tmp_path / f"contracts_{r}.json").read_text())
         assert res["rules"] == RULES.names()
         assert res["failures"] == {}, f"rank {r}: {res['failures']}"
+        # Rules with a step of their own are refused data-parallel (test_data_parallel_refuses_other_steps).
+        assert res["own_step"] == ["pc"]
 
 
 def test_a_gradient_on_some_ranks_only_is_an_error_not_a_desync():
@@ -167,3 +169,21 @@ def test_a_signal_on_one_rank_stops_every_rank_after_the_same_step(tmp_path):
     assert "SIGTERM received: stopped after step 2 of 6" in runs[1].stdout
     assert "a stop signal on another rank received: stopped after step 2 of 6" in runs[0].stdout
     assert load_checkpoint(tmp_path / "run" / CHECKPOINT)["step"] == 2
+
+
+def test_data_parallel_refuses_other_steps():
+    # Predictive coding's inference step, sequential and micro-batched steps run in one process only: refused
+    # by name before any rank trains, never run as a plain step.
+    from types import SimpleNamespace
+
+    from localssl.config import ConfigError
+    from localssl.engine import distributed as D
+    from localssl.engine.inference import InferenceStep
+    from localssl.engine.step import MicroBatchedStep, SequentialStep
+    from localssl.rules import Inference
+
+    par = D.DataParallel(SimpleNamespace(rank=0, world=2), batch_size=8)
+    for step in (InferenceStep(Inference(3, 0.1, True)), SequentialStep(2), MicroBatchedStep(4)):
+        with pytest.raises(ConfigError, match=f"runs plain steps; this run asks for {type(step).__name__}"):
+            par.step(step)
+    assert isinstance(par.step(PlainStep()), D.DataParallelStep)

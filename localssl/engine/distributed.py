@@ -160,12 +160,14 @@ def gather_views(z: torch.Tensor, layout: ViewLayout) -> torch.Tensor:
     Rows stacked by view ([view 1; view 2], each rank's b images): the result
     is [view 1 of rank 0, rank 1, ...; view 2 of rank 0, rank 1, ...], so the
     two halves stay apart and image i's views keep their distance B.
-    Channel-stacked views (one row per image): the ranks' rows in rank order.
+    SCFF's pairs ([positive pairs; negative pairs]) are split the same way, so
+    the positives stay apart from the negatives. Channel-stacked views and
+    one view per image (one row per image): the ranks' rows in rank order.
     """
     from torch.distributed.nn.functional import all_gather
 
     parts = all_gather(z.contiguous())
-    if layout.stacking != "rows" or layout.n == 1:
+    if layout.stacking == "channels" or layout.n == 1:
         return torch.cat(parts)
     return torch.cat([chunk for v in range(layout.n) for chunk in (p.chunk(layout.n)[v] for p in parts)])
 
