@@ -114,7 +114,8 @@ def _with_ratio(value: str, ratio: str) -> str:
 
 
 def markdown(csv_path: Path, cfg: CompareConfig, baseline: str | None,
-             baseline_measured: dict[str, Any] | None = None) -> str:
+             baseline_measured: dict[str, Any] | None = None, own_baselines: dict[str, str | None] | None = None
+             ) -> str:
     """``compare.md``: the CSV as a Markdown table, under a line saying what was compared, how and where.
 
     ``baseline_measured``: the baseline's speed and memory where it was
@@ -136,15 +137,17 @@ def markdown(csv_path: Path, cfg: CompareConfig, baseline: str | None,
     rule_opts = "; ".join(f"{r}: " + ", ".join(f"{k}={v}" for k, v in o.items())
                           for r, o in (cfg.rule_options or {}).items())
     recipes = "; ".join(f"{r}: " + ", ".join(f"{k}={v}" for k, v in o.items()) for r, o in (cfg.recipes or {}).items())
+    against = ", ".join(f"{r} vs {b or 'none'}" for r, b in (own_baselines or {}).items())
     own = (f"; own recipes (encoder and input) {recipes}, each with its own random-init row, its speed and memory "
-           "read against the end-to-end rule of its recipe" if recipes else "")
+           f"read against the end-to-end rule of its recipe{f' ({against})' if against else ''}" if recipes else "")
     protocols = ", ".join(cfg.probes)
     epochs = f"fast and blocks: {cfg.probe_epochs} epochs on frozen features"
     if any(p in cfg.probes for p in ("paper", "paper-bn")):
         epochs += f"; paper: {cfg.paper_epochs} epochs (the paper: 300)"
     speed = (f"train img/s and activation memory measured in one process on the same random views "
-             f"({cfg.batch_size} images, 2 views each; speed: median of {_count(cfg.measure_rounds, 'round')} of "
-             f"{_count(cfg.measure_steps, 'step')} per rule, the rules interleaved), vs {baseline}" if baseline else
+             f"({cfg.batch_size} images, in each rule's view layout; speed: median of "
+             f"{_count(cfg.measure_rounds, 'round')} of {_count(cfg.measure_steps, 'step')} per rule, the rules "
+             f"interleaved), vs {baseline}" if baseline else
              "train img/s and activation memory: " + ("not measured" if not cfg.measure else "no BP baseline"))
     if baseline and baseline_measured and "images_per_s" in baseline_measured:
         speed += (f" (measured with the same head, not trained here: {baseline_measured['images_per_s']:.1f} img/s, "

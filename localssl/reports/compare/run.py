@@ -173,7 +173,10 @@ def _compare(cfg: CompareConfig, out: Path, log: Log) -> dict[str, Any]:
     md_path = out / MD_NAME
     base = measured.get("baseline")
     base_measured = None if base in cfg.rules else measured.get("rules", {}).get(base)  # it has no row then
-    md_path.write_text(markdown(csv_path, cfg, base, base_measured))
+    # The rules measured on another recipe, and the end-to-end rule each is read against there.
+    own = {r: m.get("baseline") for r, m in measured.get("rules", {}).items()
+           if r in cfg.rules and "baseline" in m and m["baseline"] != base}
+    md_path.write_text(markdown(csv_path, cfg, base, base_measured, own))
     try:
         png: Path | None = plot(csv_path, out / PNG_NAME)
     except RuntimeError as e:  # matplotlib is the optional `plots` extra
