@@ -353,7 +353,8 @@ def test_a_run_saved_before_the_cheap_b_options_still_resumes(tmp_path, monkeypa
 
 # ------------------------------------------------------------------ the registry contracts, on the variants
 
-CHEAP = [{"b_rank": 3}, {"b_dtype": "bf16"}, {"b_rank": 3, "b_optimizer": "sgd", "b_lr_scale": 5.0}]
+CHEAP = [{"b_rank": 3}, {"b_dtype": "bf16"}, {"b_rank": 3, "b_optimizer": "sgd", "b_lr_scale": 5.0},
+         {"b_structure": "shared"}, {"b_structure": "shared", "b_rank": 3, "b_dtype": "bf16"}]
 
 
 def _cheap_pairs():

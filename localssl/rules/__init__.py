@@ -11,7 +11,7 @@ from localssl.rules.base import FEEDBACK_KINDS, Group, Inference, OptimizerHint,
 from localssl.rules.blockwise import Blockwise, Head, inject_noise
 from localssl.rules.bp import BPInfoNCE, InfoNCEOptions
 from localssl.rules.clapp import BPCLAPPPlusPlus, CLAPPPlusPlus, ContrastiveOptions
-from localssl.rules.feedback import Feedback, feedback_flops, feedback_numel
+from localssl.rules.feedback import Feedback, feedback_flops, feedback_numel, shared_feedback_flops
 from localssl.rules.fixed_feedback import DFAOptions, DirectFeedbackAlignment, FFOptions, ForwardForward
 from localssl.rules.losses import (
     CONTRASTIVE_F,
@@ -46,7 +46,7 @@ __all__ = [
     "Blockwise", "Head", "inject_noise",
     "SCFF", "SCFFOptions", "PatchPredictive", "CPCOptions", "CLAPP2021Options",
     "CLAPPPlusPlus", "BPCLAPPPlusPlus", "ContrastiveOptions", "BPInfoNCE", "InfoNCEOptions", "Feedback",
-    "feedback_flops", "feedback_numel",
+    "feedback_flops", "feedback_numel", "shared_feedback_flops",
     "ForwardForward", "FFOptions", "DirectFeedbackAlignment", "DFAOptions",
     "PCOptions", "PredictiveCoding",
     "CONTRASTIVE_F", "contrastive_loss", "info_nce", "info_nce_symmetric", "nt_xent", "barlow_twins", "vicreg",

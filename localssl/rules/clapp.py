@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from localssl.rules.base import FEEDBACK_KINDS, OptimizerHint, Rule, RuleOptions
-from localssl.rules.feedback import B_DTYPES, Feedback
+from localssl.rules.feedback import B_DTYPES, B_STRUCTURES, Feedback
 from localssl.rules.losses import CONTRASTIVE_F, contrastive_loss, spatial_pool, swap_views
 from localssl.rules.registry import register_rule
 
@@ -43,6 +43,15 @@ class ContrastiveOptions(RuleOptions):
        r (d_z + d_c) parameters instead of d_z d_c; a layer whose smaller dim
        is <= r keeps its dense B (a rank that high constrains nothing).
        0: dense.
+    b_structure: "dense" (B any d_z x d_c matrix; U V^T with b_rank) or
+       "shared": one C_z x C_c channel map applied at every pooled cell
+       (B = B_ch (x) M, M the fixed map from the context's grid to the
+       layer's), plus a rank-b_rank coupling U V^T across positions when
+       b_rank > 0. C_z C_c parameters (+ r (d_z + d_c))
+       instead of d_z d_c: at full width 128^2 instead of 8192^2 on layer 1.
+       Spatial dependence stays (each cell's gradient is B_ch c at that
+       cell); what goes is B coupling different cells (the rank-r term gives
+       some back). Grids of one cell (global pooling) keep the dense B.
     b_dtype: fp32, or bf16: the B matmul in bfloat16 from fp32 master weights
        (gradients and optimizer state fp32; slow on CPUs without native bf16).
        Under ``--amp bf16`` autocast already runs this matmul in bf16 from the
@@ -60,6 +69,7 @@ class ContrastiveOptions(RuleOptions):
     feedback: str = "trainable"
     b_l2: float = 0.0
     b_rank: int = 0
+    b_structure: str = "dense"
     b_dtype: str = "fp32"
     b_optimizer: str = "same"
     b_momentum: float = 0.9
@@ -76,6 +86,10 @@ class ContrastiveOptions(RuleOptions):
             raise ValueError(f"b_rank must be >= 0 (0: dense B), got {self.b_rank}")
         if self.b_rank and self.feedback == "identity":
             raise ValueError(f"b_rank={self.b_rank} needs a B matrix; feedback=identity has none")
+        if self.b_structure not in B_STRUCTURES:
+            raise ValueError(f"unknown b_structure {self.b_structure!r}; valid: {', '.join(B_STRUCTURES)}")
+        if self.b_structure != "dense" and self.feedback == "identity":
+            raise ValueError(f"b_structure={self.b_structure} needs a B matrix; feedback=identity has none")
         if self.b_dtype not in B_DTYPES:
             raise ValueError(f"unknown b_dtype {self.b_dtype!r}; valid: {', '.join(B_DTYPES)}")
         if self.b_optimizer not in B_OPTIMIZERS:
@@ -87,9 +101,14 @@ class ContrastiveOptions(RuleOptions):
         if not self.b_lr_scale > 0:
             raise ValueError(f"b_lr_scale must be > 0, got {self.b_lr_scale}")
 
-    def make_feedback(self, d_c: int, d_z: int) -> Feedback:
-        """A B from d_c to d_z as these options ask (kind, rank, dtype)."""
-        return Feedback(d_c, d_z, self.feedback, rank=self.b_rank, dtype=self.b_dtype)
+    def make_feedback(self, c_layout: tuple[int, int], z_layout: tuple[int, int]) -> Feedback:
+        """A B from the context to the layer as these options ask (kind, rank, structure, dtype).
+
+        Each layout is (channels, grid) of a pooled vector of channels x grid^2 numbers (grid 1: a vector).
+        """
+        (cc, gc), (cz, gz) = c_layout, z_layout
+        return Feedback(cc * gc * gc, cz * gz * gz, self.feedback, rank=self.b_rank, dtype=self.b_dtype,
+                        structure=self.b_structure, c_layout=c_layout, z_layout=z_layout)
 
     def b_hint(self) -> OptimizerHint | None:
         """How the builder optimises B: None (the run's optimizer) or `OptimizerHint` (b_optimizer=sgd)."""
@@ -103,16 +122,18 @@ class ContrastiveOptions(RuleOptions):
             raise ValueError("f=linear is unbounded below with a trainable B: set b_l2 > 0 (e.g. 1e-3)")
 
 
-def _pooled_dim(shape: Sequence[int], grid: int) -> int:
+def _pooled_layout(shape: Sequence[int], grid: int) -> tuple[int, int]:
+    """(channels, grid) of a block output of ``shape`` pooled to ``grid`` x ``grid`` (a vector: (D, 1))."""
     if len(shape) == 1:
-        return int(shape[0])
+        return int(shape[0]), 1
     c, h, w = shape
     if h % grid or w % grid:
         raise ValueError(
             f"pooling grid {grid} does not fit a {h}x{w} feature map: choose a grid that divides {h} "
             f"(e.g. {', '.join(str(d) for d in range(1, h + 1) if h % d == 0)})"
         )
-    return c * grid * grid
+    return int(c), int(grid)
+
 
 
 class CLAPPPlusPlus(Rule):
@@ -147,13 +168,13 @@ class CLAPPPlusPlus(Rule):
         else:
             grids = [1] * n
         self.grids = grids
-        dims = [_pooled_dim(s, g) for s, g in zip(self.feature_shapes, grids)]
-        self.dims = dims
+        layouts = [_pooled_layout(s, g) for s, g in zip(self.feature_shapes, grids)]
+        self.dims = [c * g * g for c, g in layouts]
         self.same = nn.ModuleList(
-            [options.make_feedback(d, d) for d in dims] if context in ("same", "both") else []
+            [options.make_feedback(lay, lay) for lay in layouts] if context in ("same", "both") else []
         )
         self.top = nn.ModuleList(
-            [options.make_feedback(dims[-1], d) for d in dims] if self.needs_top_context else []
+            [options.make_feedback(layouts[-1], lay) for lay in layouts] if self.needs_top_context else []
         )
 
     def _penalty(self, g: int) -> torch.Tensor:
@@ -201,8 +222,8 @@ class BPCLAPPPlusPlus(Rule):
                  grids: Sequence[int] | None = None) -> None:
         super().__init__(feature_shapes, options or ContrastiveOptions(), grids)
         self.options.check()
-        d = _pooled_dim(self.feature_shapes[-1], 1)
-        self.head = self.options.make_feedback(d, d)
+        layout = _pooled_layout(self.feature_shapes[-1], 1)
+        self.head = self.options.make_feedback(layout, layout)
 
     def represent(self, g: int, h: torch.Tensor) -> torch.Tensor:
         return spatial_pool(h, 1)
