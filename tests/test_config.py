@@ -49,7 +49,7 @@ def test_wrong_type_names_the_key():
         ({"rule_options": {"feedback": "random"}}, r"unknown feedback.*fixed"),
         ({"rule_options": {"temperature": 0.1}},
          r"unknown ContrastiveOptions key\(s\) 'temperature'; valid keys: b_dtype, b_l2, b_lr_scale, b_momentum, "
-         r"b_optimizer, b_rank, f, feedback"),
+         r"b_optimizer, b_rank, b_structure, f, feedback"),
         ({"rule": "bp-infonce", "rule_options": {"proj_dim": 0}}, r"rule_options of bp-infonce: proj_dim must be >= 1"),
         ({"batch_size": 1}, "at least 2 images"),
         ({"grids": [8, 4, 4, 3, 2, 2]}, r"at 32px input: block 4: grid 3 does not fit its 8x8 map .*\[1, 2, 4, 8\]"),
