@@ -14,7 +14,6 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from localssl.rules import Feedback, build_rule, feedback_numel, shared_feedback_flops
-
 from tests.test_cheap_feedback import GRIDS, _vgg
 from tests.test_rules import make_views
 

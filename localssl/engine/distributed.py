@@ -58,7 +58,7 @@ import torch.distributed as dist
 from torch import nn
 
 from localssl.data.augment import ViewLayout
-from localssl.engine.step import Losses, PlainStep, Step, _amp, _Forward, _top_context, check_finite, unpack
+from localssl.engine.step import Losses, PlainStep, Step
 from localssl.models import BlockEncoder
 from localssl.rules import Rule
 
@@ -226,39 +226,30 @@ class GradSync:
         self.pending = []
 
 
-class DataParallelStep(Step):
+class DataParallelStep(PlainStep):
     """`PlainStep` with every group's loss on the gathered batch and its gradients averaged across ranks."""
 
     def __init__(self, cluster: Cluster) -> None:
         self.cluster = cluster
         self._sync: dict[int, GradSync] = {}
+        self._now: GradSync | None = None
 
-    def __call__(self, encoder, rule, optimizer, views, index=0, *, device=None, amp_dtype=None) -> Losses:
-        x = unpack(views, rule)
-        ctx = _amp(x, device, amp_dtype)
-        groups = rule.groups()
-        sync = self._sync.setdefault(id(rule), GradSync(self.cluster, encoder, rule))
-        top = _top_context(encoder, rule, x, ctx)
-        with self.cluster.guard("gathering the views' representations"):
-            context = None if top is None else gather_views(rule.context(top), rule.layout)
-            if optimizer is not None:
-                optimizer.zero_grad(set_to_none=True)
-            forward = _Forward(groups, x)
-            losses: Losses = []
-            for g, group in enumerate(groups):
-                with ctx():
-                    out = forward.run(encoder, rule, g, group)
-                    # The loss of the whole batch (rule.loss's two halves, with the gather between them).
-                    loss = rule.objective(g, gather_views(rule.represent(g, out), rule.layout), context)
-                loss.backward()
-                sync.after_group(g)
-                losses.append(loss.detach())
-                del out, loss
-        sync.finish()
-        check_finite(losses, groups)
-        if optimizer is not None:
-            optimizer.step()
-        return losses
+    def _guard(self):
+        return self.cluster.guard("gathering the views' representations")
+
+    def _begin(self, encoder, rule, top):
+        self._now = self._sync.setdefault(id(rule), GradSync(self.cluster, encoder, rule))
+        return None if top is None else gather_views(rule.context(top), rule.layout)
+
+    def _group_loss(self, rule, g, out, top):
+        # The loss of the whole batch (rule.loss's two halves, with the gather between them).
+        return rule.objective(g, gather_views(rule.represent(g, out), rule.layout), top)
+
+    def _after_backward(self, g):
+        self._now.after_group(g)
+
+    def _finish(self):
+        self._now.finish()
 
 
 class Parallel:

@@ -14,6 +14,7 @@ more class here, not a change to the loop. Three exist here (and
 """
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -203,28 +204,55 @@ def _top_context(encoder: BlockEncoder, rule: Rule, views: torch.Tensor, ctx: Ca
 
 
 class PlainStep(Step):
-    """Every group in turn: forward through its blocks, its loss, its backward; then one optimizer step."""
+    """Every group in turn: forward through its blocks, its loss, its backward; then one optimizer step.
+
+    The hooks (``_begin``, ``_group_loss``, ``_after_backward``, ``_finish``) are where a data-parallel
+    step (`localssl.engine.distributed.DataParallelStep`) gathers representations and averages gradients;
+    here they do nothing beyond the plain loss, so the loop itself exists once.
+    """
 
     def __call__(self, encoder, rule, optimizer, views, index=0, *, device=None, amp_dtype=None) -> Losses:
         views = unpack(views, rule)
         ctx = _amp(views, device, amp_dtype)
         groups = rule.groups()
         top = _top_context(encoder, rule, views, ctx)
-        if optimizer is not None:
-            optimizer.zero_grad(set_to_none=True)
-        forward = _Forward(groups, views)
-        losses: Losses = []
-        for g, group in enumerate(groups):
-            with ctx():
-                out = forward.run(encoder, rule, g, group)
-                loss = rule.loss(g, out, top)
-            loss.backward()
-            losses.append(loss.detach())
-            del out, loss  # this group's graph is freed here
+        with self._guard():
+            state = self._begin(encoder, rule, top)
+            if optimizer is not None:
+                optimizer.zero_grad(set_to_none=True)
+            forward = _Forward(groups, views)
+            losses: Losses = []
+            for g, group in enumerate(groups):
+                with ctx():
+                    out = forward.run(encoder, rule, g, group)
+                    loss = self._group_loss(rule, g, out, state)
+                loss.backward()
+                self._after_backward(g)
+                losses.append(loss.detach())
+                del out, loss  # this group's graph is freed here
+        self._finish()
         check_finite(losses, groups)
         if optimizer is not None:
             optimizer.step()
         return losses
+
+    def _guard(self) -> contextlib.AbstractContextManager:
+        """Around the step's forwards and backwards (a distributed step names what it waits for)."""
+        return contextlib.nullcontext()
+
+    def _begin(self, encoder: BlockEncoder, rule: Rule, top: torch.Tensor | None) -> torch.Tensor | None:
+        """Before the first group: what `_group_loss` reads as the DFB context (here the top output as is)."""
+        return top
+
+    def _group_loss(self, rule: Rule, g: int, out: torch.Tensor, top: torch.Tensor | None) -> torch.Tensor:
+        """Group ``g``'s loss from its last block's output."""
+        return rule.loss(g, out, top)
+
+    def _after_backward(self, g: int) -> None:
+        """After group ``g``'s backward (its gradients are final)."""
+
+    def _finish(self) -> None:
+        """After the last group's backward, before the finiteness check and the update."""
 
 
 class MicroBatchedStep(Step):
