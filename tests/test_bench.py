@@ -84,6 +84,9 @@ def test_structure_and_report(res):
     text = format_report(res)
     for needle in ("clapp++global", BASELINE, "floor", "GFLOP", "p+g+opt", "torch"):
         assert needle in text
+    # The FLOP notes follow the measured figures: the dense B is heavy, the global one is not.
+    assert all(res["flops"]["rules"][r]["local"] for r in LOCAL) and not res["flops"]["rules"][BASELINE]["local"]
+    assert "measured: clapp++'s own parameters" in text and "clapp++global's own parameters" not in text
 
 
 def test_time_breakdown_sees_no_input_gradient_in_local_steps(res):

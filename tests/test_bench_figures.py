@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from localssl.reports.bench.common import RuleFacts, build_state, rule_facts
-from localssl.reports.bench.format import HEAVY_OWN_FLOPS, _flop_notes
+from localssl.reports.bench.flop_notes import HEAVY_OWN_FLOPS, flop_notes
 from localssl.reports.bench.speed import extra_rules, speed_variants
 from localssl.rules import BENCH_RULES, DEMO_RULES, RULES, speed_target, speed_targets
 
@@ -74,22 +74,22 @@ def test_flop_notes_for_the_rules_whose_own_parameters_are_heavy():
     saved = 100.0
     per_rule = {"heavy": _flops(True, 80.0, 0.0, 255.0), "light": _flops(True, 1.0, 0.0, 200.0),
                 "bp": _flops(False, 5.0, saved, 250.0)}
-    notes = "\n".join(_flop_notes(per_rule, 0.25, twin, "resnet18"))
+    notes = "\n".join(flop_notes(per_rule, 0.25, twin, "resnet18"))
     assert "heavy's own parameters (B/proj forward + backward) 0.8000 GFLOP/view = 0.80x the skipped " \
            "input-gradient pass (1.0000 in bp)." in notes
     assert "light's own parameters" not in notes and "light 2.0000 (0.80x)" in notes  # listed beside
     assert "roughly even with bp in FLOPs (1.02x); light keeps the saving." in notes
     assert "METHODS" not in notes  # the reference figures are VGG-6's
-    assert "METHODS 2.2b (vgg6" in "\n".join(_flop_notes(per_rule, 0.25, twin, "vgg6"))
+    assert "METHODS 2.2b (vgg6" in "\n".join(flop_notes(per_rule, 0.25, twin, "vgg6"))
     # Just under the threshold: no rule is heavy, no note at all (e.g. blockwise rules on a ResNet-50).
     per_rule["heavy"] = _flops(True, HEAVY_OWN_FLOPS * saved * 0.99, 0.0, 200.0)
-    assert _flop_notes(per_rule, 0.25, twin, "vgg6") == []
+    assert flop_notes(per_rule, 0.25, twin, "vgg6") == []
     per_rule["heavy"] = _flops(True, HEAVY_OWN_FLOPS * saved, 0.0, 200.0)  # at it: a note, and the AdamW caveat
-    assert "heavy keeps part of the saving (0.80x bp's FLOPs)" in "\n".join(_flop_notes(per_rule, 0.25, twin, "vgg6"))
+    assert "heavy keeps part of the saving (0.80x bp's FLOPs)" in "\n".join(flop_notes(per_rule, 0.25, twin, "vgg6"))
     # A block of several layers computes part of the input gradient itself: it skips only the rest.
     per_rule["heavy"] = _flops(True, 50.0, 60.0, 300.0)
-    notes = "\n".join(_flop_notes(per_rule, 0.25, twin, "vgg6"))
+    notes = "\n".join(flop_notes(per_rule, 0.25, twin, "vgg6"))
     assert "input-gradient pass of bp (1.0000), of which it skips 0.4000" in notes
     assert "heavy costs more FLOPs than bp (1.20x)" in notes
     # An end-to-end rule is never the subject, whatever its own parameters cost.
-    assert _flop_notes({"bp": _flops(False, 1e6, saved, 250.0)}, 0.25, {"bp": "bp"}, "vgg6") == []
+    assert flop_notes({"bp": _flops(False, 1e6, saved, 250.0)}, 0.25, {"bp": "bp"}, "vgg6") == []

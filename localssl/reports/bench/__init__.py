@@ -63,7 +63,8 @@ Everything is measured in one process on the same encoder, batch and inputs
    convolution at all.
 
 The package holds one measuring tool per module (`memory`, `rss`, `flops`,
-`speed`, `breakdown`), the orchestrator (`run`), the formatter (`format`)
+`speed`, `breakdown`), the orchestrator (`run`), the formatter (`format`,
+with the FLOP table's notes in `flop_notes`)
 and the command line (`cli`), STYLE principle 13.
 """
 from __future__ import annotations
