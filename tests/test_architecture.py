@@ -4,7 +4,9 @@
 - rules never import the engine (a rule is a loss and its parameters, not a training loop);
 - losses see no optimizer, config or logger: `rules/losses.py` imports nothing of localssl beyond models' layers
   and the registry;
-- no import cycle between localssl modules at import time.
+- no import cycle between localssl modules at import time;
+- no module outside ``rules/`` names a rule: the code around the rules reads what it needs of them from the
+  registry, never by name (docs/architecture.md).
 """
 from __future__ import annotations
 
@@ -96,3 +98,53 @@ def test_no_import_cycle_at_import_time():
     for n in sorted(graph):
         if n not in state:
             visit(n, [n])
+
+
+def _docstrings(tree: ast.AST) -> set[int]:
+    """The ids of the docstring constants of a module and its classes and functions."""
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
+            first = node.body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
+                out.add(id(first.value))
+    return out
+
+
+#: Literals that may stay, by the class and field that hold them, and why. `TrainConfig.rule`'s default is what
+#: `localssl train` trains without --rule; config cannot read it from rules/ (rules import config, so config
+#: importing rules would be an import cycle).
+NAMED_DEFAULTS = {("TrainConfig", "rule")}
+
+
+def _named_defaults(tree: ast.AST) -> set[int]:
+    out = set()
+    for cls in ast.walk(tree):
+        if isinstance(cls, ast.ClassDef):
+            for node in cls.body:
+                if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                        and (cls.name, node.target.id) in NAMED_DEFAULTS and node.value is not None):
+                    out |= {id(n) for n in ast.walk(node.value)}
+    return out
+
+
+def test_no_rule_name_outside_rules():
+    """No string constant of a module outside ``localssl/rules/`` is a registered rule's name or a variant label
+    of one (``clapp++@b_rank=64``, `localssl.rules.split_variant`). Docstrings may name rules in prose; code may
+    not: what a report or the bench needs of a rule (its BP twin, its locality, its parameters, the figures' rule
+    lists and targets, `localssl.rules.figures`) comes from ``rules/``."""
+    from localssl.rules import RULES
+    from localssl.rules.registry import VARIANT_SEP
+
+    names = set(RULES.names())
+    found = []
+    for path in MODULES:
+        if path.relative_to(PKG).parts[0] == "rules":
+            continue
+        tree = ast.parse(path.read_text())
+        allowed = _docstrings(tree) | _named_defaults(tree)
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in allowed
+                    and node.value.partition(VARIANT_SEP)[0] in names):
+                found.append(f"{path.relative_to(PKG.parent)}:{node.lineno}: {node.value!r}")
+    assert not found, "rule names outside localssl/rules/:\n" + "\n".join(found)

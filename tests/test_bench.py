@@ -27,6 +27,7 @@ from localssl.reports.bench import (
     resolve_precisions,
     run_bench,
 )
+from localssl.rules import speed_target
 
 BASELINE = "bp-infonce"  # the end-to-end rule of these runs: every other rule's BP twin here
 WIDTH = 1 / 16  # VGG-6 channels 8, 16, 16, 32, 64, 64
@@ -72,13 +73,20 @@ def test_structure_and_report(res):
     assert rows[BASELINE]["vs_bp_rounds_quartiles"] == pytest.approx([1.0, 1.0])
     for r in rows.values():  # one round: the per-round ratio is the ratio
         assert r["vs_bp_rounds_quartiles"] == pytest.approx([r["vs_bp"], r["vs_bp"]])
-    assert rows["clapp++global"]["target_vs_bp"] == 1.3 and rows["clapp++"]["target_vs_bp"] == 0.9
+    for name in LOCAL:  # the figure's targets at this width (`localssl.rules.speed_target`), judged on vs twin
+        assert rows[name]["target_vs_bp"] == speed_target(name, WIDTH) is not None
+        assert rows[name]["meets_target"] == (rows[name]["vs_bp"] >= rows[name]["target_vs_bp"])
+    assert "target_vs_bp" not in rows[BASELINE]
+    assert res["targets"]["speed_vs_bp"] == {name: {str(WIDTH): speed_target(name, WIDTH)} for name in LOCAL}
     assert res["speed"]["augment"]["images_per_s"] > 0
     assert set(res["speed"]["augment"]["vs_train"]) == {*LOCAL, BASELINE}
     json.dumps(res)  # the --json output
     text = format_report(res)
     for needle in ("clapp++global", BASELINE, "floor", "GFLOP", "p+g+opt", "torch"):
         assert needle in text
+    # The FLOP notes follow the measured figures: the dense B is heavy, the global one is not.
+    assert all(res["flops"]["rules"][r]["local"] for r in LOCAL) and not res["flops"]["rules"][BASELINE]["local"]
+    assert "measured: clapp++'s own parameters" in text and "clapp++global's own parameters" not in text
 
 
 def test_time_breakdown_sees_no_input_gradient_in_local_steps(res):

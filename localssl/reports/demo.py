@@ -39,9 +39,8 @@ from typing import Any
 
 from localssl.config import AMP_MODES, ProbeConfig, TrainConfig
 from localssl.engine.metrics import read_metrics
+from localssl.rules import DEMO_RULES  # what the demo trains: a local rule, then its end-to-end counterpart
 
-#: What the demo trains: a local rule, then its end-to-end counterpart.
-DEMO_RULES = ("clapp++", "bp-infonce")
 DEMO_DATASET = "shapes10"
 DEMO_EPOCHS = 12
 DEMO_WIDTH = 0.125

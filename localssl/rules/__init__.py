@@ -12,6 +12,7 @@ from localssl.rules.blockwise import Blockwise, Head, inject_noise
 from localssl.rules.bp import BPInfoNCE, InfoNCEOptions
 from localssl.rules.clapp import BPCLAPPPlusPlus, CLAPPPlusPlus, ContrastiveOptions
 from localssl.rules.feedback import Feedback, feedback_flops, feedback_numel, shared_feedback_flops
+from localssl.rules.figures import BENCH_RULES, DEMO_RULES, speed_target, speed_targets
 from localssl.rules.fixed_feedback import DFAOptions, DirectFeedbackAlignment, FFOptions, ForwardForward
 from localssl.rules.losses import (
     CONTRASTIVE_F,
@@ -41,7 +42,7 @@ from localssl.rules.scff import SCFF, SCFFOptions
 
 __all__ = [
     "RULES", "FEEDBACK_KINDS", "Group", "Inference", "OptimizerHint", "Rule", "RuleOptions", "build_rule",
-    "check_groups",
+    "check_groups", "BENCH_RULES", "DEMO_RULES", "speed_target", "speed_targets",
     "register_rule", "rule_options", "resolve_rule_options", "bp_counterpart", "split_variant",
     "Blockwise", "Head", "inject_noise",
     "SCFF", "SCFFOptions", "PatchPredictive", "CPCOptions", "CLAPP2021Options",

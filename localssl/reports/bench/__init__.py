@@ -16,10 +16,12 @@ Everything is measured in one process on the same encoder, batch and inputs
    are against each rule's BP twin (`common.bp_twins`: the end-to-end rule
    registered as its counterpart where that is benched, e.g. bp-barlow for
    blockwise-barlow, else the first end-to-end rule benched), next to the
-   README figure's targets (`SPEED_TARGETS`), with the quartiles of the same
-   ratio taken round by round; bf16 rows also against fp32. Optionally, at the first width, one
-   rule again at the other precision (where that one is not timed anyway)
-   and in the other memory layout (channels_last / contiguous). Tables 2-6
+   README figure's targets (`localssl.rules.speed_target`, per width), with
+   the quartiles of the same ratio taken round by round; bf16 rows also
+   against fp32. Optionally, at the first width, the local rule with the
+   fewest parameters of its own again at the other precision (where that
+   one is not timed anyway) and in the other memory layout (channels_last /
+   contiguous), and the rule with the most with the unfused AdamW. Tables 2-6
    describe the first width at the first precision. At width 1.0 CLAPP++'s
    dense B holds ~201M parameters (3.2 GB with gradients and AdamW state);
    a rule that would not fit in memory is reported as not run, not started.
@@ -61,7 +63,8 @@ Everything is measured in one process on the same encoder, batch and inputs
    convolution at all.
 
 The package holds one measuring tool per module (`memory`, `rss`, `flops`,
-`speed`, `breakdown`), the orchestrator (`run`), the formatter (`format`)
+`speed`, `breakdown`), the orchestrator (`run`), the formatter (`format`,
+with the FLOP table's notes in `flop_notes`)
 and the command line (`cli`), STYLE principle 13.
 """
 from __future__ import annotations
@@ -76,7 +79,6 @@ from localssl.reports.bench.common import (
     PRECISIONS,
     REFERENCE_FLOOR,
     REFERENCE_GFLOP,
-    SPEED_TARGETS,
     BenchState,
     bp_twins,
     build_state,
@@ -104,7 +106,7 @@ from localssl.reports.bench.speed import Schedule, measure_speed
 
 __all__ = [
     "AUGMENT_TARGET", "DEFAULT_RULES", "DEFAULT_WIDTHS", "FLOP_PARTS", "MEMORY_TARGET", "NOISY_SPREAD",
-    "PRECISIONS", "REFERENCE_FLOOR", "REFERENCE_GFLOP", "SHOWN_CPU_FLAGS", "SPEED_TARGETS", "TIME_PARTS",
+    "PRECISIONS", "REFERENCE_FLOOR", "REFERENCE_GFLOP", "SHOWN_CPU_FLAGS", "TIME_PARTS",
     "WIDE_WIDTH", "BenchState", "PartFlopCounter", "SavedBytesTracker", "Schedule", "_quartiles",
     "add_bench_parser", "bench_main", "bp_twins", "build_state", "encoder_block_bytes", "format_report", "main",
     "measure_breakdown", "measure_flops", "measure_memory", "measure_speed", "parameter_memory", "peak_rss",

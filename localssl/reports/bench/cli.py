@@ -67,8 +67,9 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
                    help="skip the per-op time breakdown (op families, a few steps per rule)")
     p.add_argument("--no-augment", dest="augment", action="store_false", help="skip the augmentation timing")
     p.add_argument("--no-precision-compare", dest="compare_precision", action="store_false",
-                   help="skip timing one rule in the other memory layout (and at the other precision where that is "
-                        "not timed anyway), and clapp++ with the unfused AdamW")
+                   help="skip timing the local rule with the fewest parameters of its own in the other memory layout "
+                        "(and at the other precision where that is not timed anyway), and the rule with the most "
+                        "with the unfused AdamW")
     p.add_argument("--micro-batch", type=int, default=None,
                    help="also run every rule micro-batched at the first width, this many views per chunk; 0 to skip "
                         "(default: an eighth of the step's views, 8 at batch 32)")

@@ -11,20 +11,21 @@ import torch
 from localssl.config import TrainConfig
 from localssl.data.augment import ViewBatch, ViewLayout
 from localssl.models import BlockEncoder
-from localssl.rules import Rule, split_variant
+from localssl.rules import BENCH_RULES, Rule, split_variant
 
-#: The rules of the README's VGG-6 figure (issue 2), which `localssl bench` runs when no --rules are given.
-DEFAULT_RULES = ("clapp++", "clapp++global", "bp-infonce")
-#: That figure's speed targets, images/s relative to the rule's BP twin (`bp_twins`).
-SPEED_TARGETS = {"clapp++global": 1.3, "clapp++": 0.9}
+#: What `localssl bench` runs when no --rules are given: the README figure's rules (`localssl.rules.figures`,
+#: which also holds that figure's speed targets, `localssl.rules.speed_target`).
+DEFAULT_RULES = BENCH_RULES
 #: Local peak saved activations relative to the BP twin.
 MEMORY_TARGET = 0.5
 #: Augmentation images/s relative to training images/s.
 AUGMENT_TARGET = 5.0
 #: Above this spread between rounds, the report warns that the timings are noisy.
 NOISY_SPREAD = 0.25
-#: METHODS 2.2b, full-width VGG-6 at 32 px, GFLOP per view.
+#: METHODS 2.2b, full-width VGG-6 at 32 px, GFLOP per view (the dense B: CLAPP++'s).
 REFERENCE_GFLOP = {"local step": 2.1, "BP step": 3.2, "dense B (fwd + dB)": 0.8}
+#: The encoder those reference figures describe.
+REFERENCE_ENCODER = "vgg6"
 #: METHODS 2.2b: the largest block's share of the sum over blocks, VGG-6 at 32 px.
 REFERENCE_FLOOR = 0.41
 #: The precisions a benchmark can time, by name: the autocast dtype (None = plain fp32).
@@ -92,28 +93,56 @@ def check_rule_options(rules: Sequence[str], rule_options: Mapping[str, Any] | N
                          f"({', '.join(rules)}); they take: {', '.join(sorted(known)) or 'no options'}")
 
 
+@dataclass(frozen=True)
+class RuleFacts:
+    """What the bench reads of a rule before it times it: whether it trains locally (``rule.local``) and how
+    many trainable parameters of its own it holds (B matrices, projections, heads: ``rule.parameters()``, the
+    "rule params" of the memory table, here counted on a build without memory)."""
+
+    local: bool
+    own_params: int
+
+
+def rule_facts(rules: Sequence[str], encoder_name: str, width: float, image_size: int,
+               encoder_options: Mapping[str, Any] | None = None,
+               rule_options: Mapping[str, Mapping[str, Any] | None] | None = None) -> dict[str, RuleFacts | None]:
+    """`RuleFacts` of every benched rule, built on the meta device (no memory: a dense B can be 8192 x 8192).
+
+    ``rule_options``: label -> that rule's options (as `measure_speed` takes them; a label not in it: its
+    defaults). A rule that cannot be built here is None: the tools report it as not run.
+    """
+    from localssl.builder import build_model
+
+    out: dict[str, RuleFacts | None] = {}
+    for r in dict.fromkeys(rules):
+        try:
+            cfg = bench_config(r, encoder_name, width, encoder_options, (rule_options or {}).get(r))
+            rule = build_model(cfg, 3, image_size, rule_device="meta").rule
+        except BUILD_ERRORS:
+            out[r] = None
+            continue
+        out[r] = RuleFacts(rule.local, sum(p.numel() for p in rule.parameters() if p.requires_grad))
+    return out
+
+
 def bp_twins(rules: Sequence[str], encoder_name: str, width: float, image_size: int,
-             encoder_options: Mapping[str, Any] | None = None) -> dict[str, str | None]:
+             encoder_options: Mapping[str, Any] | None = None,
+             facts: Mapping[str, RuleFacts | None] | None = None) -> dict[str, str | None]:
     """The end-to-end rule every benched rule's speed and memory are compared with (its "BP twin").
 
     A local rule's twin is its registered counterpart
     (`localssl.rules.bp_counterpart`) where that is benched too; otherwise,
     and for an end-to-end rule, the first end-to-end rule benched (None if
     there is none). Which rules are end-to-end is read from the built rules
-    (``rule.local``; built on the meta device: no memory), never from names.
+    (``rule.local``; ``facts``, `rule_facts`, built here if not given), never
+    from names.
     A rule that cannot be built here is left to the tools, which report it as
     not run; it is nobody's reference.
     """
-    from localssl.builder import build_model
     from localssl.rules import bp_counterpart
 
-    local: dict[str, bool | None] = {}
-    for r in dict.fromkeys(rules):
-        try:
-            local[r] = build_model(bench_config(r, encoder_name, width, encoder_options), 3, image_size,
-                                   rule_device="meta").rule.local
-        except BUILD_ERRORS:
-            local[r] = None
+    facts = facts if facts is not None else rule_facts(rules, encoder_name, width, image_size, encoder_options)
+    local = {r: None if facts.get(r) is None else facts[r].local for r in rules}
     reference = next((r for r in rules if local[r] is False), None)
     def twin(r: str) -> str | None:
         other = bp_counterpart(split_variant(r)[0])

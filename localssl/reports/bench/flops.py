@@ -135,7 +135,7 @@ def measure_flops(rules: Sequence[str], encoder: str, width: float, size: int, b
                   dev: torch.device, amp_dtype: torch.dtype | None, channels_last: bool, seed: int,
                   log: Log, encoder_options: Mapping[str, Any] | None = None,
                   rule_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Table 5: FLOPs per view of each part of one step, per rule."""
+    """Table 5: FLOPs per view of each part of one step, per rule (with ``local``: whether it trains locally)."""
     views = random_views(batch_size, size, dev, channels_last, seed)
     per_rule: dict[str, Any] = {}
     for r in rules:
@@ -143,7 +143,7 @@ def measure_flops(rules: Sequence[str], encoder: str, width: float, size: int, b
         try:
             st = build_state(r, encoder, width, size, dev, amp_dtype, channels_last, seed, None, encoder_options,
                              rule_options)
-            per_rule[r] = step_flops(st, views)
+            per_rule[r] = {**step_flops(st, views), "local": st.rule.local}
         except BUILD_ERRORS as e:
             per_rule[r] = {"error": error_text(e)}
         st = None  # free this rule's parameters before the next is built

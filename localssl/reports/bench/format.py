@@ -10,8 +10,8 @@ from localssl.reports.bench.common import (
     MEMORY_TARGET,
     NOISY_SPREAD,
     REFERENCE_FLOOR,
-    REFERENCE_GFLOP,
 )
+from localssl.reports.bench.flop_notes import flop_notes
 from localssl.reports.bench.flops import FLOP_PARTS
 
 _FLOP_LABELS = {
@@ -219,7 +219,7 @@ def format_report(res: dict[str, Any]) -> str:
             rows.append([name] + [f"{d[p] / 1e9:.4f}" for p in parts])
         out.append(_table(["rule"] + [_FLOP_LABELS[p] for p in parts], rows))
         out += errors
-        out += _flop_notes(fl["rules"], fl.get("width", c["width"]), c.get("bp_twins", {}))
+        out += flop_notes(fl["rules"], fl.get("width", c["width"]), c.get("bp_twins", {}), c["encoder"])
     tb = res.get("time_breakdown")
     if tb:
         s0 = c["schedules"][0]
@@ -270,42 +270,6 @@ def _breakdown_notes(per_rule: dict[str, Any], twins: dict[str, str | None]) -> 
                      f"({bp['conv'] / d['conv']:.2f}x faster), everything else {1000 * rest:.1f} vs "
                      f"{1000 * rest_bp:.1f} ms; whole step {bp['total'] / d['total']:.2f}x.")
     return notes
-
-
-def _flop_notes(per_rule: dict[str, Any], width: float, twins: dict[str, str | None]) -> list[str]:
-    ok = {k: v for k, v in per_rule.items() if "error" not in v}
-    ref = REFERENCE_GFLOP
-    ref_b, ref_saved = ref["dense B (fwd + dB)"], ref["BP step"] - ref["local step"]
-    notes = [f"   METHODS 2.2b (full width, 32px): local step ~{ref['local step']}, BP ~{ref['BP step']}, dense B "
-             f"~{ref_b} GFLOP/view: B ~{ref_b / ref_saved:.1f}x the input-gradient pass that local training skips, "
-             "so CLAPP++ roughly even with BP."]
-    dense = ok.get("clapp++")
-    bp_name = twins.get("clapp++")
-    bp = ok.get(bp_name) if bp_name else None
-    if not (bp and dense and bp["encoder_bwd_input"] > 0):
-        return notes
-    saved = bp["encoder_bwd_input"]
-    b_cost = dense["rule_params_fwd"] + dense["rule_params_bwd"]
-    scale = 1 / width**2  # every part grows with width^2 (B's side with width); the 3-channel input layer aside
-    line = (f"   measured: CLAPP++'s dense spatial B (B c forward + dB backward) {b_cost / 1e9:.4f} GFLOP/view = "
-            f"{b_cost / saved:.2f}x the skipped input-gradient pass ({saved / 1e9:.4f} in BP); step totals clapp++ "
-            f"{dense['total'] / 1e9:.4f} ({dense['total'] / bp['total']:.2f}x BP)")
-    if "clapp++global" in ok:
-        g = ok["clapp++global"]["total"]
-        line += f", clapp++global {g / 1e9:.4f} ({g / bp['total']:.2f}x)"
-    notes.append(line + f", {bp_name} {bp['total'] / 1e9:.4f}.")
-    notes.append(f"   x{scale:.0f} (width {width} -> 1): local step ~{dense['total'] * scale / 1e9:.1f}, BP "
-                 f"~{bp['total'] * scale / 1e9:.1f}, dense B ~{b_cost * scale / 1e9:.1f} GFLOP/view (counting 2 FLOPs "
-                 "per multiply-add).")
-    if b_cost >= 0.75 * saved:
-        notes.append("   So the dense B costs about as much as the pass local training saves: CLAPP++ is roughly "
-                     "even with BP in FLOPs; small-B rules (clapp++global) keep the saving.")
-    else:
-        notes.append(f"   So in FLOPs the dense B takes only {b_cost / saved:.0%} of what local training saves; in "
-                     "time it costs more than its FLOPs, because AdamW then updates B's parameters every step "
-                     "(see 'in AdamW' in table 1).")
-    return notes
-
 
 
 def _changed_rule_options(resolved: dict[str, dict[str, Any]]) -> dict[str, Any]:

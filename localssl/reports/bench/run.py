@@ -17,12 +17,12 @@ from localssl.reports.bench.common import (
     PRECISIONS,
     REFERENCE_FLOOR,
     REFERENCE_GFLOP,
-    SPEED_TARGETS,
     Log,
     bench_config,
     bp_twins,
     check_rule_options,
     dtype_name,
+    rule_facts,
     rule_variants,
     variant_label,
 )
@@ -30,7 +30,7 @@ from localssl.reports.bench.flops import measure_flops
 from localssl.reports.bench.memory import measure_memory
 from localssl.reports.bench.rss import peak_rss
 from localssl.reports.bench.speed import Schedule, loadavg, measure_speed
-from localssl.rules import resolve_rule_options, split_variant
+from localssl.rules import resolve_rule_options, speed_targets, split_variant
 
 #: Widths timed by default: the README's 0.25 and the paper's full width.
 DEFAULT_WIDTHS = (0.25, 1.0)
@@ -128,7 +128,8 @@ def run_bench(
     activation and parameter memory at every size. ``compare_precision``
     adds to the first width's speed rounds one rule in the other memory
     layout (and at the other precision if that one is not timed anyway) and
-    clapp++ with the unfused (for-each) AdamW. ``micro_batch`` (views per
+    the rule with the most parameters of its own with the unfused (for-each)
+    AdamW (`speed.extra_rules`). ``micro_batch`` (views per
     chunk; None to skip) adds every rule once more with the micro-batched
     step (`train_step(micro_batch=...)`) to the first width's speed, memory
     and RSS figures. ``breakdown`` times every op of a few steps per rule,
@@ -168,13 +169,14 @@ def run_bench(
     for w in dict.fromkeys(widths):  # unknown encoder names or options fail here, before any work
         build_encoder(encoder, w, options=encoder_options, image_size=speed_size)
     check_rule_options(rules, rule_options)
-    twins = bp_twins(rules, encoder, width, speed_size, encoder_options)
     # What each rule trains with, every default written out: a figure says which head it measured.
     resolved_rules = {r: resolve_rule_options(split_variant(r)[0],
                                               bench_config(r, encoder, width, None, rule_options).rule_options)
                       for r in rules}
     # The shared --rule-opt mapping, as each rule's own options (what the measuring tools take).
     per_rule = {r: bench_config(r, encoder, width, None, rule_options).rule_options for r in rules}
+    facts = rule_facts(rules, encoder, width, speed_size, encoder_options, per_rule)
+    twins = bp_twins(rules, encoder, width, speed_size, encoder_options, facts)
     schedules = [Schedule(wide_steps, wide_warmup, wide_rounds) if w >= WIDE_WIDTH else Schedule(steps, warmup, rounds)
                  for w in widths]
 
@@ -196,7 +198,7 @@ def run_bench(
         "env": environment_info(dev),
         "precision_support": support,
         "precision_note": precision_note,
-        "targets": {"speed_vs_bp": SPEED_TARGETS, "memory_local_vs_bp": MEMORY_TARGET,
+        "targets": {"speed_vs_bp": speed_targets(rules, widths), "memory_local_vs_bp": MEMORY_TARGET,
                     "augment_vs_train": AUGMENT_TARGET},
         "reference": {"gflop_per_view_full_width_32px": REFERENCE_GFLOP, "floor_vgg6_32px": REFERENCE_FLOOR},
     }
@@ -207,7 +209,8 @@ def run_bench(
     if speed or augment:
         result["speed"] = measure_speed(rules, encoder, widths, precisions, schedules, speed_size, batch_size, dev,
                                         channels_last, speed, augment, compare_precision, micro_batch, seed, log,
-                                        twins, encoder_options=encoder_options, rule_options=per_rule)
+                                        twins, encoder_options=encoder_options, rule_options=per_rule,
+                                        facts=facts)
     if breakdown:
         s0 = schedules[0]
         result["time_breakdown"] = measure_breakdown(rules, encoder, width, speed_size, batch_size, s0.steps,

@@ -24,19 +24,21 @@ from localssl.reports.bench.common import (
     AUGMENT_TARGET,
     BUILD_ERRORS,
     PRECISIONS,
-    SPEED_TARGETS,
     BenchState,
     Log,
+    RuleFacts,
     build_state,
     error_text,
     hook_optimizer_step,
     median,
     quartiles,
     random_views,
+    rule_facts,
     sync,
     variant_label,
 )
 from localssl.reports.bench.memory import available_memory, check_fits, training_state_bytes
+from localssl.rules import speed_target
 
 
 @dataclass(frozen=True)
@@ -82,16 +84,30 @@ def time_optimizer(state: BenchState, dev: torch.device) -> list[float]:
     return acc
 
 
+def extra_rules(rules: Sequence[str], facts: Mapping[str, RuleFacts | None]) -> tuple[str, str]:
+    """The rules of the extra rows, chosen by what they hold (`RuleFacts`), never by name: ``ref``, the local rule
+    with the fewest parameters of its own (the small-B rule, whose step is mostly the encoder's, so precision and
+    memory layout show in it undiluted; ``rules[0]`` if no local rule could be built), and ``big``, the rule with
+    the most (where the fused AdamW kernel saves the most; ``ref`` if none could be built)."""
+    built = [r for r in rules if facts.get(r) is not None]
+    local = [r for r in built if facts[r].local]
+    ref = min(local, key=lambda r: facts[r].own_params) if local else rules[0]
+    big = max(built, key=lambda r: facts[r].own_params) if built else ref
+    return ref, big
+
+
 def speed_variants(rules: Sequence[str], width: float, precisions: Sequence[str], with_extras: bool,
-                   channels_last: bool, compare_precision: bool, micro_batch: int | None) -> list[dict[str, Any]]:
+                   channels_last: bool, compare_precision: bool, micro_batch: int | None,
+                   facts: Mapping[str, RuleFacts | None] | None = None) -> list[dict[str, Any]]:
     """The rows timed together at one width: every rule at every precision, then (``with_extras``) the extras.
 
     The extras run at the first precision only: every rule micro-batched;
-    with ``compare_precision``, one rule at the other precision where that
-    precision is not measured anyway (so a CPU without native bf16 still
-    shows what emulated bf16 costs), the same rule in the other memory
-    layout, and clapp++ with the unfused (for-each) AdamW, to show what the
-    trainer's fused kernel saves on its B parameters.
+    with ``compare_precision``, one rule (``ref`` of `extra_rules`, read
+    from ``facts``) at the other precision where that precision is not
+    measured anyway (so a CPU without native bf16 still shows what emulated
+    bf16 costs) and in the other memory layout, and the rule with the most
+    parameters of its own (``big``) with the unfused (for-each) AdamW, to
+    show what the trainer's fused kernel saves on those parameters.
     """
     p0 = precisions[0]
     base = {"width": width, "channels_last": channels_last, "entry_precision": p0, "micro_batch": None}
@@ -102,7 +118,7 @@ def speed_variants(rules: Sequence[str], width: float, precisions: Sequence[str]
     out += [{**base, "rule": r, "precision": p0, "main": False, "micro_batch": mb, "label": variant_label(r, mb)}
             for r, mb in ((r, micro_batch) for r in rules) if mb]
     if compare_precision:
-        ref = "clapp++global" if "clapp++global" in rules else rules[0]
+        ref, big = extra_rules(rules, facts or {})
         layout = "channels_last" if channels_last else "contiguous"
         other_layout = "contiguous" if channels_last else "channels_last"
         other = "bf16" if p0 == "fp32" else "fp32"
@@ -110,9 +126,7 @@ def speed_variants(rules: Sequence[str], width: float, precisions: Sequence[str]
             out.append({**base, "rule": ref, "precision": other, "main": False, "label": f"{ref} [{other}, {layout}]"})
         out.append({**base, "rule": ref, "precision": p0, "main": False, "channels_last": not channels_last,
                     "label": f"{ref} [{p0}, {other_layout}]"})
-        # The trainer uses fused AdamW; the unfused one shows what that saves,
-        # for the rule with the most parameters of its own.
-        big = "clapp++" if "clapp++" in rules else ref
+        # The trainer uses fused AdamW; the unfused one shows what that saves.
         out.append({**base, "rule": big, "precision": p0, "main": False, "unfused": True,
                     "label": f"{big} [unfused AdamW]"})
     return out
@@ -138,6 +152,7 @@ def measure_speed(
     *,
     encoder_options: Mapping[str, Any] | None = None,
     rule_options: Mapping[str, Mapping[str, Any]] | None = None,
+    facts: Mapping[str, RuleFacts | None] | None = None,
 ) -> dict[str, Any]:
     """Table 1 (and 4, augmentation): one entry per (width, precision), augmentation timed at the first width.
 
@@ -145,17 +160,22 @@ def measure_speed(
     `speed_variants`. A rule that cannot be built or run at a width (pooling
     grids that do not fit, memory) becomes a row with its ``error``. Every
     row's ratio is against its BP twin (``twins``, `common.bp_twins`) at the
-    same width and precision. ``encoder_options``: the encoder's own options;
-    ``rule_options``: rule name -> that rule's options (a rule not in it: its defaults).
+    same width and precision, next to its target (`localssl.rules.speed_target`
+    at that width). ``encoder_options``: the encoder's own options;
+    ``rule_options``: rule name -> that rule's options (a rule not in it: its
+    defaults); ``facts``: `common.rule_facts` of the rules at the first width
+    (built here if not given), which choose the rules of the extra rows.
     """
     options = {"encoder_options": encoder_options, "rule_options": rule_options or {}}
+    if facts is None and do_train and compare_precision:
+        facts = rule_facts(rules, encoder, widths[0], size, encoder_options, rule_options)
     entries: list[dict[str, Any]] = []
     augment: dict[str, Any] | None = None
     for i, (width, sched) in enumerate(zip(widths, schedules)):
         if i and not do_train:
             break
         variants = speed_variants(rules, width, precisions, i == 0, channels_last, compare_precision,
-                                  micro_batch) if do_train else []
+                                  micro_batch, facts) if do_train else []
         rows, aug = _time_width(variants, encoder, width, sched, size, batch_size, dev, do_augment and i == 0,
                                 seed, log, options)
         augment = aug if i == 0 else augment
@@ -315,9 +335,10 @@ def _ratios(entries: Sequence[dict[str, Any]], twins: Mapping[str, str | None]) 
                 row["bp_twin"] = base["rule"]
                 row["vs_bp"] = row["images_per_s"] / base["images_per_s"]
                 row["vs_bp_rounds_quartiles"] = quartiles([a / b for a, b in zip(row["rounds"], base["rounds"])])
-                if row["main"] and row["rule"] in SPEED_TARGETS:
-                    row["target_vs_bp"] = SPEED_TARGETS[row["rule"]]
-                    row["meets_target"] = row["vs_bp"] >= SPEED_TARGETS[row["rule"]]
+                target = speed_target(row["rule"], entry["width"]) if row["main"] else None
+                if target is not None:
+                    row["target_vs_bp"] = target
+                    row["meets_target"] = row["vs_bp"] >= target
             ref = main_row(fp32, row["rule"]) if fp32 is not None and entry is not fp32 and row["main"] else None
             if ref is not None:
                 row["vs_fp32"] = row["images_per_s"] / ref["images_per_s"]
