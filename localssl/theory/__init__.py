@@ -13,7 +13,8 @@
 - :mod:`.broken_assumptions`: ``broken`` (by default in the authors' layout)
   and ``ablation``;
 - :mod:`.linear`: all of the above under one name (where ``localssl.cli`` imports from);
-- :mod:`.conv`: Proposition 3.5 on a linear CNN (``conv``);
+- :mod:`.conv`: Proposition 3.5 on a linear CNN (``conv``), also with one channel map B at every
+  position (CLAPP++'s ``b_structure=shared``);
 - :mod:`.rank`: Theorem 3.1 with a rank limit on B (``rank``; CLAPP++'s ``b_rank``);
 - :mod:`.cli`: :func:`run_theory` and the ``localssl theory`` subcommand
   (:func:`add_theory_parser`, :func:`theory_main`).
@@ -22,7 +23,15 @@ from .authors import AuthorsDraw, authors_draw
 from .broken_assumptions import AUTHORS_FIGURES, BROKEN_LAYOUTS, broken, broken_ablation
 from .cli import EXPERIMENTS, add_theory_parser, run_theory, theory_main
 from .common import AUTHORS_LAM, AUTHORS_SEED
-from .conv import ConvNet, conv, orthogonal_conv_kernel, unrolled_operator
+from .conv import (
+    ConvNet,
+    conv,
+    distance_from_shared,
+    orthogonal_conv_kernel,
+    shared_fitter,
+    shared_projection,
+    unrolled_operator,
+)
 from .experiments import dfb, projection, theorem31
 from .fit import fit_b, fit_b_authors
 from .loss import LOSS_FUNCTIONS, NEGATIVES, fit_objective, other_view, scores, unified_loss
@@ -53,6 +62,7 @@ __all__ = [
     "conv",
     "cosine",
     "dfb",
+    "distance_from_shared",
     "fit_b",
     "fit_b_authors",
     "fit_b_rank",
@@ -68,6 +78,8 @@ __all__ = [
     "rank_cosine_closed_form",
     "run_theory",
     "scores",
+    "shared_fitter",
+    "shared_projection",
     "synthetic_views",
     "theorem31",
     "theory_main",

@@ -32,22 +32,55 @@ the zero-frequency block of an orthogonal circular operator), so a
 global-pooling local loss *is* exact against a global-pooling top loss. The
 non-exactness of global pooling is with respect to the spatial BP loss.
 Zero padding breaks orthogonality and with it the exactness of kernel 1.
+
+One channel map at every position (issue 14; CLAPP++'s ``b_structure=shared``
+on equal grids): ``B^l = B_ch (x) I_P``, a ``C x C`` map applied at each of
+the P = HW positions (rows channel-major, index ``c P + p``, as
+``h.flatten(1)`` lays them out), fitted at its optimum over that set
+(:func:`.fit.fit_b` with ``positions``). Two settings:
+
+- ``kernel1-sharedB``: every local B^l restricted (the top layer's too), BP's
+  top B dense. Not exact: the local optimum would need ``M' B^L M``, and the
+  unrolled 3x3 operators couple neighbouring positions.
+- ``kernel1-sharedB/sharedBP``: BP's top B restricted too. Rank.py's point 1
+  would make it exact if ``B -> M' B M`` mapped the set ``{B_ch (x) I_P}``
+  onto itself. It does not: ``M = sum_o K_o (x) T_o`` (block-circulant, the
+  3x3 taps K_o times the circular shifts T_o), so ``M' (A (x) I) M =
+  sum_{o,o'} K_o' A K_o' (x) T_o' T_o'`` has shift blocks ``T_{o'-o} != I``
+  whose sum does not cancel for a generic A; equivalently the top statistic
+  ``sum_p z^L_p c^L_p'`` reads the layer's cross-correlations at non-zero
+  shifts, which the layer's own ``sum_p z_p c_p'`` does not see. The setting
+  reports the measured relative distance of ``M' B^L M`` from the set
+  (``dist_MBM_from_set``: 0 would mean invariance) next to the cosine. Two
+  special cases do stay in the set: ``A = a I`` (``M'M = I``), and any A when
+  every conv is 1x1 (M = K (x) I_P), where sharedBP is then exact.
+
+"sharedB" means one B shared by all positions; the experiments' ``shared_b``
+(one B for both views) is another choice and combines with it.
+
+For the linear f the fit objective is ``lam |B - B*|^2 + const`` (rank.py),
+so the restricted optimum is the Frobenius projection of the dense optimum
+B* onto the set: ``B_ch[a, b] = (1/P) sum_p B*[a P + p, b P + p]``, the mean
+of the diagonals of B*'s P x P blocks (:func:`shared_projection`).
 """
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .fit import fit_b
 from .linear import DEFAULT_LAM, DTYPE, _one_thread, _seed_list, compare_gradients
 from .report import TheoryResult
 
-__all__ = ["ConvNet", "conv", "orthogonal_conv_kernel", "unrolled_operator"]
+__all__ = ["ConvNet", "conv", "distance_from_shared", "orthogonal_conv_kernel", "shared_fitter",
+           "shared_projection", "unrolled_operator"]
 
 
 def _random_orthogonal(n: int, g: torch.Generator) -> Tensor:
@@ -111,8 +144,45 @@ def _spatial(h: Tensor) -> Tensor:  # pooling kernel 1: the whole map, flattened
     return h.flatten(1)
 
 
+def _spatial_bp(h: Tensor) -> Tensor:
+    """:func:`_spatial` as the top readout of a setting whose local B's differ from BP's top B: a distinct
+    function, so that :func:`compare_gradients` fits the top layer's local B instead of reusing BP's."""
+    return h.flatten(1)
+
+
 def _global(h: Tensor) -> Tensor:  # global average pooling (original CLAPP)
     return h.mean((2, 3))
+
+
+def shared_projection(b: Tensor, positions: int) -> Tensor:
+    """``B_ch (x) I_P`` nearest to ``b`` in Frobenius norm: B_ch = the mean diagonal of b's P x P blocks.
+
+    The restricted optimum for the linear f (module docstring); rows and
+    columns channel-major (index ``c P + p``).
+    """
+    cz, cc = b.shape[0] // positions, b.shape[1] // positions
+    b_ch = torch.einsum("apbp->ab", b.reshape(cz, positions, cc, positions)) / positions
+    return torch.kron(b_ch, torch.eye(positions, dtype=b.dtype))
+
+
+def shared_fitter(restrict: str, positions: int, *, f: str, lam: float = DEFAULT_LAM, shared_b: bool = False,
+                  fit: str = "newton") -> Callable[[Any, Tensor, Tensor], tuple[Tensor, ...]] | None:
+    """A :func:`compare_gradients` fitter with B = B_ch (x) I_P at the local losses (``restrict="local"``)
+    or everywhere, BP's top B too (``"all"``); ``"none"``: None, every B dense."""
+    if restrict not in ("none", "local", "all"):
+        raise ValueError(f"unknown restriction {restrict!r}; valid: none, local, all")
+    if restrict == "none":
+        return None
+
+    def fitter(key: Any, z: Tensor, c: Tensor) -> tuple[Tensor, ...]:
+        restricted = restrict == "all" or key != "top"
+        return fit_b(z, c, f, lam=lam, shared=shared_b, method=fit, positions=positions if restricted else None)
+    return fitter
+
+
+def distance_from_shared(b: Tensor, positions: int) -> float:
+    """|b - its projection onto {B_ch (x) I_P}| / |b|: 0 iff b is one channel map at every position."""
+    return float(torch.linalg.norm(b - shared_projection(b, positions)) / torch.linalg.norm(b))
 
 
 @_one_thread
@@ -125,7 +195,11 @@ def conv(*, f: str = "logistic", seeds: int | Sequence[int] = 3, n_batches: int 
     - ``kernel1``: local loss with pooling kernel 1 vs BP of the kernel-1 top loss (exact);
     - ``global``: local loss with global pooling vs the same BP (not exact);
     - ``global/globalBP``: global pooling for both (exact here, see the module doc);
-    - ``kernel1-zeropad``: kernel 1 but zero padding (operator not orthogonal: not exact).
+    - ``kernel1-zeropad``: kernel 1 but zero padding (operator not orthogonal: not exact);
+    - ``kernel1-sharedB``: kernel 1 with every local B = B_ch (x) I_P at its optimum over that set, BP's
+      top B dense (not exact);
+    - ``kernel1-sharedB/sharedBP``: BP's top B restricted too (not exact either: the module doc), with
+      ``dist_MBM_from_set``, the relative distance of the effective ``M' B^L M`` from the set.
     """
     t0 = time.perf_counter()
     seed_list = _seed_list(seeds)
@@ -135,11 +209,15 @@ def conv(*, f: str = "logistic", seeds: int | Sequence[int] = 3, n_batches: int 
     s = torch.randn(n, *shape, generator=gd, dtype=DTYPE)
     v1 = s + 0.5 * torch.randn(n, *shape, generator=gd, dtype=DTYPE)
     v2 = s + 0.5 * torch.randn(n, *shape, generator=gd, dtype=DTYPE)
+    positions = size * size
+    # name: (padding, local readout, top readout, which B's are B_ch (x) I_P: none, the local ones, all)
     settings = {
-        "kernel1": ("circular", _spatial, _spatial),
-        "global": ("circular", _global, _spatial),
-        "global/globalBP": ("circular", _global, _global),
-        "kernel1-zeropad": ("zeros", _spatial, _spatial),
+        "kernel1": ("circular", _spatial, _spatial, "none"),
+        "global": ("circular", _global, _spatial, "none"),
+        "global/globalBP": ("circular", _global, _global, "none"),
+        "kernel1-zeropad": ("zeros", _spatial, _spatial, "none"),
+        "kernel1-sharedB": ("circular", _spatial, _spatial_bp, "local"),
+        "kernel1-sharedB/sharedBP": ("circular", _spatial, _spatial, "all"),
     }
     res = TheoryResult("conv", primary="cosine_mean",
                        config=dict(f=f, seeds=seed_list, n_batches=n_batches, batch_size=batch_size,
@@ -148,29 +226,42 @@ def conv(*, f: str = "logistic", seeds: int | Sequence[int] = 3, n_batches: int 
                                    data="synthetic Gaussian views s + 0.5 e (C, H, W)"))
     orth_err = 0.0
     acc: dict[str, list[list[dict]]] = {k: [] for k in settings}
+    dist_from_set: list[list[float]] = []
     for seed in seed_list:
         g = torch.Generator().manual_seed(int(seed))
         weights = [orthogonal_conv_kernel(channels, generator=g) for _ in range(depth)]
-        for padding in ("circular",):
-            net = ConvNet(weights, padding)
-            for l in range(depth):
-                m = unrolled_operator(net, l, shape)
-                orth_err = max(orth_err, float((m.T @ m - torch.eye(m.shape[0], dtype=DTYPE)).abs().max()))
+        net = ConvNet(weights, "circular")
+        ops = [unrolled_operator(net, l, shape) for l in range(depth)]
+        for m in ops:
+            orth_err = max(orth_err, float((m.T @ m - torch.eye(m.shape[0], dtype=DTYPE)).abs().max()))
+        above = [torch.eye(ops[0].shape[0], dtype=DTYPE)]  # M = W^L ... W^{l+1}, from the top down
+        for m in reversed(ops[1:]):
+            above.insert(0, above[0] @ m)
         for i in range(n_batches):
             x = torch.cat([v1[i * batch_size:(i + 1) * batch_size], v2[i * batch_size:(i + 1) * batch_size]])
-            for name, (padding, ro, top) in settings.items():
+            for name, (padding, ro, top, restrict) in settings.items():
                 cmp = compare_gradients(ConvNet(weights, padding), x, f=f, readout=ro, top_readout=top,
-                                        lam=lam, fit=fit, shared_b=shared_b)
+                                        lam=lam, fit=fit, shared_b=shared_b,
+                                        fitter=shared_fitter(restrict, positions, f=f, lam=lam,
+                                                             shared_b=shared_b, fit=fit))
                 acc[name].append(cmp.errors())
+                if restrict == "all":  # the B that BP effectively applies at layer l: M' B^L M
+                    dist_from_set.append([max(distance_from_shared(m.T @ b @ m, positions) for b in cmp.b_top)
+                                          for m in above])
     for name, rows in acc.items():
         cos = np.array([[e["cosine"] for e in r] for r in rows])
         res.add(name, "cosine_mean", cos.mean(0))
         res.add(name, "1-cos_max", (1 - cos).max(0))
         res.add(name, "max_rel_err", np.array([[e["max_rel_err"] for e in r] for r in rows]).max(0))
         res.add(name, "rel_frob_err", np.array([[e["rel_frob_err"] for e in r] for r in rows]).mean(0))
+    res.add("kernel1-sharedB/sharedBP", "dist_MBM_from_set", np.max(dist_from_set, 0))
     res.config["max|M'M-I| (circular)"] = orth_err
     res.notes.append("BP reference = the same loss at the top with the pooling named after the '/' "
                      "(kernel 1 unless stated). Circular padding makes the unrolled 3x3 operators exactly "
                      "orthogonal; global pooling is then exact against a global-pooling top loss too.")
+    res.notes.append("sharedB: every local B = B_ch (x) I_P (one channel map at every position, "
+                     "b_structure=shared) at its optimum over that set, BP's top B dense; sharedBP: BP's top B "
+                     "restricted too. dist_MBM_from_set: max |M'B^L M - nearest B_ch (x) I| / |M'B^L M| "
+                     "(0 would make sharedBP exact, as a rank limit at the top is).")
     res.runtime_s = time.perf_counter() - t0
     return res

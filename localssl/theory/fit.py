@@ -39,7 +39,7 @@ from torch import Tensor
 from .common import AUTHORS_LAM, DEFAULT_LAM, DTYPE
 from .loss import LOSS_FUNCTIONS, _check_negative, _row_groups, fit_objective
 
-__all__ = ["fit_b", "fit_b_authors"]
+__all__ = ["channel_atoms", "fit_b", "fit_b_authors"]
 
 
 @dataclass
@@ -242,10 +242,27 @@ def _lbfgs(objective: Callable[[list[Tensor]], Tensor], init: Sequence[Tensor], 
     return [b.detach() for b in bs]
 
 
+def channel_atoms(t: _Terms, positions: int) -> _Terms:
+    """The terms of ``B = B_ch (x) I_P`` as terms of ``B_ch``: each atom ``p q'`` becomes P atoms.
+
+    With channel-major rows (index ``c * P + p``, as ``h.flatten(1)`` of a
+    (N, C, H, W) map lays them out), ``p' (B_ch (x) I_P) q = sum_j p_j' B_ch q_j``
+    with ``p_j`` the channel vector at position j: one atom per position, same
+    term, coefficient and B. ``|B|^2 = P |B_ch|^2``, so the penalty on B_ch is P lam.
+    """
+    def split(v: Tensor) -> Tensor:
+        return v.reshape(v.shape[0], -1, positions).transpose(1, 2).reshape(-1, v.shape[1] // positions)
+
+    def rep(v: Tensor) -> Tensor:
+        return v.repeat_interleave(positions)
+
+    return _Terms(split(t.p), split(t.q), rep(t.w), rep(t.term), rep(t.group), t.a, t.s, t.phi)
+
+
 def fit_b(z: Tensor, c: Tensor, f: str = "logistic", *, lam: float = DEFAULT_LAM, shared: bool = False,
           negative: str = "context-b", method: str = "newton", lr: float = 0.2, max_iter: int = 1000,
           tolerance_grad: float = 1e-12, tolerance_change: float = 1e-16,
-          history_size: int = 100) -> tuple[Tensor, ...]:
+          history_size: int = 100, positions: int | None = None) -> tuple[Tensor, ...]:
     """B at the optimum of ``unified_loss(z, c, B, f, negative) + lam sum_g |B_g|^2`` for fixed z, c (METHODS 3).
 
     ``z`` (2B, d), ``c`` (2B, d') detached; ``lam`` is per B. Returns ``(B,)``
@@ -253,6 +270,9 @@ def fit_b(z: Tensor, c: Tensor, f: str = "logistic", *, lam: float = DEFAULT_LAM
     (d, d'). ``method``: ``"newton"`` (exact, see the module docstring; for
     the hinge an exact dual solve) or ``"lbfgs"`` (lr, strong Wolfe,
     ``max_iter`` iterations, tolerances as given, from B = 0).
+    ``positions`` P: the optimum over ``B = B_ch (x) I_P`` only (one channel
+    map at every position, CLAPP++'s ``b_structure=shared`` on equal grids;
+    rows channel-major, :func:`channel_atoms`), by the same solvers on B_ch.
     """
     if lam <= 0:
         raise ValueError("fit_b needs an L2 penalty lam > 0 (the optimum is unbounded otherwise)")
@@ -263,7 +283,13 @@ def fit_b(z: Tensor, c: Tensor, f: str = "logistic", *, lam: float = DEFAULT_LAM
     n = z.shape[0]
     n_groups = 1 if shared else 2
     terms = _terms(z, c, f, _row_groups(n, shared), negative)
-    out = [torch.zeros(z.shape[1], c.shape[1], dtype=DTYPE) for _ in range(n_groups)]
+    d_z, d_c = z.shape[1], c.shape[1]
+    if positions is not None:
+        if positions < 1 or d_z % positions or d_c % positions:
+            raise ValueError(f"positions={positions} must divide both dims {d_z} and {d_c}")
+        terms = channel_atoms(terms, positions)
+        d_z, d_c, lam = d_z // positions, d_c // positions, lam * positions
+    out = [torch.zeros(d_z, d_c, dtype=DTYPE) for _ in range(n_groups)]
     for comp in _components(terms, n_groups):
         t = terms.select(comp)
         if method == "lbfgs":
@@ -292,6 +318,8 @@ def fit_b(z: Tensor, c: Tensor, f: str = "logistic", *, lam: float = DEFAULT_LAM
             beta = _newton_beta(t, k, n, lam)
         for g, bg in enumerate(t.b_from_beta(beta, n_groups)):
             out[g] = out[g] + bg  # components touch disjoint B's
+    if positions is not None:
+        return tuple(torch.kron(bg, torch.eye(positions, dtype=DTYPE)) for bg in out)
     return tuple(out)
 
 
