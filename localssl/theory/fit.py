@@ -243,20 +243,26 @@ def _lbfgs(objective: Callable[[list[Tensor]], Tensor], init: Sequence[Tensor], 
 
 
 def channel_atoms(t: _Terms, positions: int) -> _Terms:
-    """The terms of ``B = B_ch (x) I_P`` as terms of ``B_ch``: each atom ``p q'`` becomes P atoms.
+    """The terms of ``B = B_ch (x) I_P`` as terms of ``B_ch`` (C_z x C_c), with few atoms.
 
     With channel-major rows (index ``c * P + p``, as ``h.flatten(1)`` of a
-    (N, C, H, W) map lays them out), ``p' (B_ch (x) I_P) q = sum_j p_j' B_ch q_j``
-    with ``p_j`` the channel vector at position j: one atom per position, same
-    term, coefficient and B. ``|B|^2 = P |B_ch|^2``, so the penalty on B_ch is P lam.
+    (N, C, H, W) map lays them out), ``p' (B_ch (x) I_P) q = sum_j p_j' B_ch q_j
+    = <B_ch, R>`` with ``p_j`` the channel vector at position j and
+    ``R = sum_j p_j q_j'``. Each atom becomes ``min(P, C_z)`` atoms of B_ch
+    with the same term, coefficient and B: one per position ``(p_j, q_j)``,
+    or one per row of R ``(e_i, R_i)`` when there are fewer channels than
+    positions (the Gram matrix is the square of the atom count).
+    ``|B|^2 = P |B_ch|^2``, so the penalty on B_ch is P lam (:func:`fit_b`).
     """
-    def split(v: Tensor) -> Tensor:
-        return v.reshape(v.shape[0], -1, positions).transpose(1, 2).reshape(-1, v.shape[1] // positions)
-
-    def rep(v: Tensor) -> Tensor:
-        return v.repeat_interleave(positions)
-
-    return _Terms(split(t.p), split(t.q), rep(t.w), rep(t.term), rep(t.group), t.a, t.s, t.phi)
+    m, cz, cc = len(t.w), t.p.shape[1] // positions, t.q.shape[1] // positions
+    pp, qq = t.p.reshape(m, cz, positions), t.q.reshape(m, cc, positions)
+    if positions <= cz:
+        p, q, k = pp.transpose(1, 2).reshape(-1, cz), qq.transpose(1, 2).reshape(-1, cc), positions
+    else:
+        r = torch.einsum("mjp,mkp->mjk", pp, qq)  # R of every atom
+        p, q, k = torch.eye(cz, dtype=t.p.dtype).repeat(m, 1), r.reshape(-1, cc), cz
+    return _Terms(p, q, t.w.repeat_interleave(k), t.term.repeat_interleave(k), t.group.repeat_interleave(k),
+                  t.a, t.s, t.phi)
 
 
 def fit_b(z: Tensor, c: Tensor, f: str = "logistic", *, lam: float = DEFAULT_LAM, shared: bool = False,
