@@ -45,8 +45,8 @@ the P = HW positions (rows channel-major, index ``c P + p``, as
 - ``kernel1-sharedB/sharedBP``: BP's top B restricted too. Rank.py's point 1
   would make it exact if ``B -> M' B M`` mapped the set ``{B_ch (x) I_P}``
   onto itself. It does not: ``M = sum_o K_o (x) T_o`` (block-circulant, the
-  3x3 taps K_o times the circular shifts T_o), so ``M' (A (x) I) M =
-  sum_{o,o'} K_o' A K_o' (x) T_o' T_o'`` has shift blocks ``T_{o'-o} != I``
+  3x3 taps K_o times the circular shifts T_o), so ``M^T (A (x) I) M =
+  sum_{o,o'} (K_o^T A K_{o'}) (x) T_{o'-o}`` has blocks at shifts ``o'-o != 0``
   whose sum does not cancel for a generic A; equivalently the top statistic
   ``sum_p z^L_p c^L_p'`` reads the layer's cross-correlations at non-zero
   shifts, which the layer's own ``sum_p z_p c_p'`` does not see. The setting
