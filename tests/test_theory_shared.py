@@ -2,7 +2,7 @@
 
 What is checked: the restricted fit returns B_ch (x) I_P and is the optimum over that set (stationary in
 B_ch, the same objective an independent L-BFGS on B_ch reaches); for the linear f it is the projection of
-the dense optimum (closed form); sharedBP is exact where the set is invariant (1x1 convs) and not with
+the dense optimum (closed form); chanBP is exact where the set is invariant (1x1 convs) and not with
 3x3 ones; in the experiment the restricted B's cosine is below the exact dense kernel-1 setting's.
 """
 from __future__ import annotations
@@ -139,9 +139,9 @@ def test_conv_experiment_shared_settings_below_the_exact_dense_one():
     res = conv(seeds=1, n_batches=1, batch_size=8, size=4, depth=3)
     dense = res.get("kernel1", "cosine_mean")
     assert all(abs(v - 1) < 1e-9 for v in dense)
-    for a, b in zip(res.get("kernel1-sharedB", "cosine_mean"), dense):
+    for a, b in zip(res.get("kernel1-chanB", "cosine_mean"), dense):
         assert a < b - 1e-3
-    bp = res.get("kernel1-sharedB/sharedBP", "cosine_mean")
-    dist = res.get("kernel1-sharedB/sharedBP", "dist_MBM_from_set")
+    bp = res.get("kernel1-chanB/chanBP", "cosine_mean")
+    dist = res.get("kernel1-chanB/chanBP", "dist_MBM_from_set")
     assert all(v < 1 - 1e-3 for v in bp[:-1]) and abs(bp[-1] - 1) < 1e-9  # the top layer's M is I
     assert all(d > 0.05 for d in dist[:-1]) and dist[-1] < 1e-12

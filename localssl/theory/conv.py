@@ -39,10 +39,10 @@ the P = HW positions (rows channel-major, index ``c P + p``, as
 ``h.flatten(1)`` lays them out), fitted at its optimum over that set
 (:func:`.fit.fit_b` with ``positions``). Two settings:
 
-- ``kernel1-sharedB``: every local B^l restricted (the top layer's too), BP's
+- ``kernel1-chanB``: every local B^l restricted (the top layer's too), BP's
   top B dense. Not exact: the local optimum would need ``M' B^L M``, and the
   unrolled 3x3 operators couple neighbouring positions.
-- ``kernel1-sharedB/sharedBP``: BP's top B restricted too. Rank.py's point 1
+- ``kernel1-chanB/chanBP``: BP's top B restricted too. Rank.py's point 1
   would make it exact if ``B -> M' B M`` mapped the set ``{B_ch (x) I_P}``
   onto itself. It does not: ``M = sum_o K_o (x) T_o`` (block-circulant, the
   3x3 taps K_o times the circular shifts T_o), so ``M^T (A (x) I) M =
@@ -53,9 +53,9 @@ the P = HW positions (rows channel-major, index ``c P + p``, as
   reports the measured relative distance of ``M' B^L M`` from the set
   (``dist_MBM_from_set``: 0 would mean invariance) next to the cosine. Two
   special cases do stay in the set: ``A = a I`` (``M'M = I``), and any A when
-  every conv is 1x1 (M = K (x) I_P), where sharedBP is then exact.
+  every conv is 1x1 (M = K (x) I_P), where chanBP is then exact.
 
-"sharedB" means one B shared by all positions; the experiments' ``shared_b``
+"chanB" means one channel map shared by all positions (b_structure=shared); the experiments' ``shared_b``
 (one B for both views) is another choice and combines with it.
 
 For the linear f the fit objective is ``lam |B - B*|^2 + const`` (rank.py),
@@ -196,9 +196,9 @@ def conv(*, f: str = "logistic", seeds: int | Sequence[int] = 3, n_batches: int 
     - ``global``: local loss with global pooling vs the same BP (not exact);
     - ``global/globalBP``: global pooling for both (exact here, see the module doc);
     - ``kernel1-zeropad``: kernel 1 but zero padding (operator not orthogonal: not exact);
-    - ``kernel1-sharedB``: kernel 1 with every local B = B_ch (x) I_P at its optimum over that set, BP's
+    - ``kernel1-chanB``: kernel 1 with every local B = B_ch (x) I_P at its optimum over that set, BP's
       top B dense (not exact);
-    - ``kernel1-sharedB/sharedBP``: BP's top B restricted too (not exact either: the module doc), with
+    - ``kernel1-chanB/chanBP``: BP's top B restricted too (not exact either: the module doc), with
       ``dist_MBM_from_set``, the relative distance of the effective ``M' B^L M`` from the set.
     """
     t0 = time.perf_counter()
@@ -216,8 +216,8 @@ def conv(*, f: str = "logistic", seeds: int | Sequence[int] = 3, n_batches: int 
         "global": ("circular", _global, _spatial, "none"),
         "global/globalBP": ("circular", _global, _global, "none"),
         "kernel1-zeropad": ("zeros", _spatial, _spatial, "none"),
-        "kernel1-sharedB": ("circular", _spatial, _spatial_bp, "local"),
-        "kernel1-sharedB/sharedBP": ("circular", _spatial, _spatial, "all"),
+        "kernel1-chanB": ("circular", _spatial, _spatial_bp, "local"),
+        "kernel1-chanB/chanBP": ("circular", _spatial, _spatial, "all"),
     }
     res = TheoryResult("conv", primary="cosine_mean",
                        config=dict(f=f, seeds=seed_list, n_batches=n_batches, batch_size=batch_size,
@@ -254,14 +254,14 @@ def conv(*, f: str = "logistic", seeds: int | Sequence[int] = 3, n_batches: int 
         res.add(name, "1-cos_max", (1 - cos).max(0))
         res.add(name, "max_rel_err", np.array([[e["max_rel_err"] for e in r] for r in rows]).max(0))
         res.add(name, "rel_frob_err", np.array([[e["rel_frob_err"] for e in r] for r in rows]).mean(0))
-    res.add("kernel1-sharedB/sharedBP", "dist_MBM_from_set", np.max(dist_from_set, 0))
+    res.add("kernel1-chanB/chanBP", "dist_MBM_from_set", np.max(dist_from_set, 0))
     res.config["max|M'M-I| (circular)"] = orth_err
     res.notes.append("BP reference = the same loss at the top with the pooling named after the '/' "
                      "(kernel 1 unless stated). Circular padding makes the unrolled 3x3 operators exactly "
                      "orthogonal; global pooling is then exact against a global-pooling top loss too.")
-    res.notes.append("sharedB: every local B = B_ch (x) I_P (one channel map at every position, "
-                     "b_structure=shared) at its optimum over that set, BP's top B dense; sharedBP: BP's top B "
+    res.notes.append("chanB: every local B = B_ch (x) I_P (one channel map at every position, "
+                     "b_structure=shared) at its optimum over that set, BP's top B dense; chanBP: BP's top B "
                      "restricted too. dist_MBM_from_set: max |M'B^L M - nearest B_ch (x) I| / |M'B^L M| "
-                     "(0 would make sharedBP exact, as a rank limit at the top is).")
+                     "(0 would make chanBP exact, as a rank limit at the top is).")
     res.runtime_s = time.perf_counter() - t0
     return res
