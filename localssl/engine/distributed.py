@@ -149,7 +149,13 @@ class Cluster:
             pass
 
     def close(self) -> None:
+        # Join the heartbeat before the interpreter can exit: a daemon thread caught inside the store's C++
+        # client while the process tears down ends it with std::terminate ("terminate called without an
+        # active exception", exit -6), seen once in CI on a finished pipeline rank. It leaves within one
+        # store call (its client's timeout is 5 s).
         self._stop.set()
+        if self._beats.is_alive() and self._beats is not threading.current_thread():
+            self._beats.join(timeout=10.0)
         if dist.is_initialized():
             dist.destroy_process_group()
 
